@@ -1,0 +1,1 @@
+"""Test fakes, one per verl boundary. Each class says which boundary it replaces."""
