@@ -1,0 +1,36 @@
+"""House-style wiring: core modules never import verl/ray; their docstring examples hold."""
+
+import doctest
+import importlib
+import subprocess
+import sys
+
+import pytest
+
+CORE_MODULES = [
+    "selfemo_verl.labels",
+    "selfemo_verl.prompts",
+    "selfemo_verl.rewards",
+    "selfemo_verl.erc_data",
+    "selfemo_verl.episodes",
+    "selfemo_verl.flywheel",
+]
+
+
+@pytest.mark.parametrize("module", CORE_MODULES)
+def test_core_module_imports_without_verl_or_ray(module):
+    code = (
+        "import sys; sys.modules['verl'] = None; sys.modules['ray'] = None\n"
+        f"import {module}\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('verl', 'ray') and sys.modules[m] is not None]\n"
+        "assert not bad, bad\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("module", CORE_MODULES)
+def test_docstring_examples_hold(module):
+    failures, tried = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert tried > 0, f"{module} has no >>> example"
+    assert failures == 0
