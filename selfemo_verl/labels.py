@@ -65,6 +65,11 @@ VALENCE_AROUSAL: dict[str, dict[str, tuple[float, float]]] = {
 
 STATUSES = ("ok", "no_tag", "unknown_label", "empty", "too_many")
 
+# lower-case word -> canonical label, canonical words and synonyms together (built once).
+_LOOKUP: dict[str, dict[str, str]] = {
+    space: {**SYNONYMS[space], **{label.lower(): label for label in labels}} for space, labels in LABEL_SPACES.items()
+}
+
 _OPEN, _CLOSE = "<emotion>", "</emotion>"
 _SPLIT = re.compile(r"\s*(?:[,;/|]|\band\b)\s*", re.IGNORECASE)
 _STRIP = " \t\r\n.!?\"'`*_()[]{}:-"
@@ -85,11 +90,8 @@ def canonical_label(word: str, label_space: str) -> str | None:
     ('anger', 'Joyful', None)
     """
     key = word.strip(_STRIP).lower()
-    key = " ".join(key.split())
-    for label in LABEL_SPACES[label_space]:
-        if label.lower() == key:
-            return label
-    return SYNONYMS[label_space].get(key)
+    lookup = _LOOKUP[label_space]
+    return lookup.get(key) or lookup.get(" ".join(key.split()))
 
 
 def format_emotions(labels) -> str:

@@ -1,0 +1,309 @@
+"""Reward math for SELF-EMO (DESIGN.md §3): smoothed IoU, the episode reward, group consistency, label bitmasks.
+
+Core module: plain Python and numpy, no verl, no ray. Label sets arrive from untrusted model output, so every
+function here is total on its *label* arguments (any container, unknown labels, empty sets) and raises only on
+configuration errors (an unknown label space, `beta > 0` without a label space, `beta` outside [0, 1], `eps < 0`).
+
+Assumption (whole module): the paper's full text is not available; the formulas are this project's (DESIGN §3),
+chosen to match the abstract's "multi-label alignment score plus a group-level consistency term".
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+
+from selfemo_verl.labels import LABEL_SPACES, VALENCE_AROUSAL, check_label_space
+
+# DESIGN §3 defaults, used only as the core functions' keyword defaults (recipes set them in the YAML).
+EPS, BETA, SIGMA, R_INVALID = 0.1, 0.0, 0.5, 0.0
+W_REC, W_CON, W_UND = 1.0, 0.5, 0.25
+
+_INDEX: dict[str, dict[str, int]] = {sp: {lab: i for i, lab in enumerate(labs)} for sp, labs in LABEL_SPACES.items()}
+
+
+def as_label_set(labels) -> frozenset:
+    """Coerce any label container (set, list, tuple, numpy array, a single string, None) to a frozenset; never raises.
+
+    A string is one label (not a sequence of characters). Members are kept as they are (a non-label member can
+    only count as a wrong label); if some member is unhashable every member becomes `str(member)`. Something
+    that is not iterable at all becomes `{str(labels)}`.
+
+    >>> sorted(as_label_set(["joy", "surprise"])), as_label_set("joy"), as_label_set(None)
+    (['joy', 'surprise'], frozenset({'joy'}), frozenset())
+    """
+    if type(labels) is frozenset:
+        return labels
+    if labels is None:
+        return frozenset()
+    if isinstance(labels, str):
+        return frozenset((labels,))
+    try:
+        return frozenset(labels)
+    except Exception:  # unhashable members, not iterable, or an iterator that fails
+        return _as_label_set_slow(labels)
+
+
+def _as_label_set_slow(labels) -> frozenset:
+    try:
+        return frozenset(_safe_str(m) for m in labels)
+    except Exception:  # not iterable (or fails while iterating): the whole value is one unknown label
+        return frozenset((_safe_str(labels),))
+
+
+def _safe_str(value) -> str:
+    try:
+        return str(value)
+    except Exception:  # an object whose __str__ raises still has to become some label
+        return f"<unprintable {type(value).__name__}>"
+
+
+@lru_cache(maxsize=64)
+def _similarity(label_space: str, sigma: float) -> dict[str, dict[str, float]]:
+    """S_jk = exp(-||va_j - va_k||^2 / (2 sigma^2)) over the label space's valence-arousal table, cached."""
+    va = VALENCE_AROUSAL[label_space]
+    two_s2 = 2.0 * sigma * sigma
+    return {
+        j: {k: math.exp(-((vj[0] - vk[0]) ** 2 + (vj[1] - vk[1]) ** 2) / two_s2) for k, vk in va.items()}
+        for j, vj in va.items()
+    }
+
+
+@lru_cache(maxsize=4096)
+def _soft_gold(gold: frozenset, label_space: str, beta: float, sigma: float) -> tuple[dict[str, float], float]:
+    """(g, sum_k g_k): g_k = max(1_G(k), beta * max_{j in G} S_jk) for k in L, 1.0 for gold outside L. Cached."""
+    sim = _similarity(label_space, float(sigma))
+    known = [sim[j] for j in gold if j in sim]
+    soft = {k: beta * max((row[k] for row in known), default=0.0) for k in LABEL_SPACES[label_space]}
+    for j in gold:
+        soft[j] = 1.0
+    return soft, sum(soft.values())
+
+
+def _check_knobs(label_space, eps: float, beta: float, sigma: float) -> None:
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    if not 0 <= beta <= 1:
+        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
+    if beta > 0:
+        if label_space is None:
+            raise ValueError("smoothed_iou with beta > 0 needs a label_space (the similarity matrix is per dataset)")
+        check_label_space(label_space)
+        if sigma <= 0:
+            raise ValueError(f"sigma must be > 0 when beta > 0, got {sigma!r}")
+
+
+def smoothed_iou(
+    pred, gold, label_space: str | None = None, eps: float = EPS, beta: float = BETA, sigma: float = SIGMA
+) -> float:
+    """Smoothed multi-label IoU between a predicted set P and a gold set G (DESIGN §3.1).
+
+        sIoU(P, G) = (sum_k min(p_k, g_k) + eps) / (sum_k max(p_k, g_k) + eps),   p = 1_P
+        g_k = max(1_G(k), beta * max_{j in G} S_jk),   S_jk = exp(-||va_j - va_k||^2 / (2 sigma^2))
+
+    k runs over L (the label space) and every label in P or G. With beta = 0 (default) g = 1_G and this is
+    (|P & G| + eps) / (|P | G| + eps). Labels outside L count as wrong predictions (they are never in S).
+    The value lies in [0, 1]; with eps > 0 it is > 0. 0/0 (eps = 0, P = G = {}) is defined as 1.0.
+    With beta > 0 the soft gold mass on unpredicted neighbours stays in the denominator, so an exact hit
+    scores below 1 (e.g. IEMOCAP {happy}/{happy} at beta 0.3 ~ 0.79): compare scores within one setting and
+    use beta = 0 wherever a threshold such as "sIoU = 1" is meant.
+    Assumption: the paper gives no formula; additive eps smoothing and the valence-arousal neighbourhood
+    (labels.VALENCE_AROUSAL, hand-placed on Russell's circumplex) are ours.
+
+    >>> smoothed_iou({"joy"}, {"joy"}), round(smoothed_iou({"joy", "surprise"}, {"joy"}), 3)
+    (1.0, 0.524)
+    >>> round(smoothed_iou({"anger"}, {"joy"}), 3), round(smoothed_iou(set(), {"joy"}), 3)
+    (0.048, 0.091)
+    """
+    p, g = as_label_set(pred), as_label_set(gold)
+    if beta == 0 and eps > 0:  # hot path: plain set IoU
+        inter = len(p & g)
+        return (inter + eps) / (len(p) + len(g) - inter + eps)
+    _check_knobs(label_space, eps, beta, sigma)
+    if beta > 0:
+        soft, mass = _soft_gold(g, label_space, beta, sigma)
+        inter = sum(soft.get(k, 0.0) for k in p)
+        union = mass + len(p) - inter
+    else:
+        inter, union = len(p & g), len(p | g)
+    den = union + eps
+    return 1.0 if den == 0 else (inter + eps) / den
+
+
+def episode_reward(
+    r_rec, r_con=None, r_und=None, w_rec: float = W_REC, w_con: float = W_CON, w_und: float = W_UND
+) -> float:
+    """Weighted sum of the present episode terms (DESIGN §3.2): R = w_rec r_rec + w_con r_con + w_und r_und.
+
+    A term that is None (no self-play turn, no real next utterance) is skipped; the weights of the others are
+    NOT renormalised. Why: (1) a skipped term then contributes exactly what a failed one does with the default
+    r_invalid = 0, so a policy cannot raise its reward by making a term disappear (e.g. by breaking the reply so
+    no consistency is scored) - renormalising would hand that term's weight to the easier recognition term;
+    (2) R keeps one meaning across rows - each term adds at most its weight - so SELF-GRPO's std floor and
+    lambda * c_i have the same scale in every group. Whether r_und exists is a property of the prompt, shared by
+    the whole GRPO group, so skipping it shifts no advantage within a group.
+    Assumption: the paper names the three signals, not how they combine; the weights are ours.
+
+    >>> episode_reward(1.0), episode_reward(1.0, 0.5), episode_reward(1.0, 0.5, 1.0)
+    (1.0, 1.25, 1.5)
+    """
+    total = w_rec * r_rec
+    if r_con is not None:
+        total += w_con * r_con
+    if r_und is not None:
+        total += w_und * r_und
+    return float(total)
+
+
+def is_ok(status) -> bool:
+    """True iff a parse status (untrusted: any type) is exactly "ok"."""
+    return isinstance(status, str) and status == "ok"
+
+
+def score_episode(
+    pred, pred_status, gold, label_space: str | None = None, turns=(), next_gold=None, r_invalid: float = R_INVALID,
+    eps: float = EPS, beta: float = BETA, sigma: float = SIGMA,
+    w_rec: float = W_REC, w_con: float = W_CON, w_und: float = W_UND,
+) -> dict:
+    """All reward terms of one episode (DESIGN §3.1-3.2) from already-parsed label sets; never raises on labels.
+
+        r_rec = sIoU(P_t, G_t)
+        r_con = mean over self-play turns of sIoU(P-hat, E)   (None without turns)
+        r_und = sIoU(E_first, G_{t+1})                          (None without turns or without a real next turn)
+        score = episode_reward(r_rec, r_con, r_und)
+
+    `turns`: (stated, stated_status, judged, judged_status) per self-play turn. A term whose input has a parse
+    status other than "ok" scores r_invalid (for r_con: the stated or the judged status). Returns floats
+    score, r_rec, r_con, r_und (0.0 when absent) and has_con, has_und (1.0 / 0.0).
+    Assumption: treating a judge parse failure like a responder failure (r_invalid) is ours.
+
+    >>> s = score_episode({"joy"}, "ok", {"joy"}, turns=[({"anger"}, "ok", {"fear"}, "ok")], next_gold={"anger"})
+    >>> round(s["score"], 3), round(s["r_con"], 3), s["r_und"], s["has_und"]
+    (1.274, 0.048, 1.0, 1.0)
+    """
+    bad = float(r_invalid)
+    r_rec = smoothed_iou(pred, gold, label_space, eps, beta, sigma) if is_ok(pred_status) else bad
+    r_con = r_und = None
+    if turns:
+        total = 0.0
+        for stated, st, judged, js in turns:
+            total += smoothed_iou(judged, stated, label_space, eps, beta, sigma) if is_ok(st) and is_ok(js) else bad
+        r_con = total / len(turns)
+        nxt = as_label_set(next_gold)
+        if nxt:
+            stated, st = turns[0][0], turns[0][1]
+            r_und = smoothed_iou(stated, nxt, label_space, eps, beta, sigma) if is_ok(st) else bad
+    return {
+        "score": episode_reward(r_rec, r_con, r_und, w_rec, w_con, w_und),
+        "r_rec": r_rec, "r_con": 0.0 if r_con is None else r_con, "r_und": 0.0 if r_und is None else r_und,
+        "has_con": 0.0 if r_con is None else 1.0, "has_und": 0.0 if r_und is None else 1.0,
+    }
+
+
+def labels_to_mask(labels, label_space: str) -> int:
+    """Bitmask of a label set: bit k set iff LABEL_SPACES[label_space][k] is in `labels`; unknown labels ignored.
+
+    >>> labels_to_mask({"neutral", "joy"}, "meld"), labels_to_mask({"bogus"}, "meld")
+    (17, 0)
+    """
+    if label_space not in _INDEX:
+        check_label_space(label_space)
+    return _mask_of(as_label_set(labels), label_space)
+
+
+@lru_cache(maxsize=4096)
+def _mask_of(labels: frozenset, label_space: str) -> int:
+    index = _INDEX[label_space]
+    return sum(1 << index[lab] for lab in labels if lab in index)
+
+
+def mask_to_labels(mask, label_space: str) -> frozenset:
+    """Inverse of labels_to_mask; bits beyond the label space are ignored, a negative or non-int mask is empty.
+
+    >>> sorted(mask_to_labels(17, "meld")), mask_to_labels(1 << 40, "meld"), mask_to_labels(-1, "meld")
+    (['joy', 'neutral'], frozenset(), frozenset())
+    """
+    labels = check_label_space(label_space)
+    m = int(mask) if isinstance(mask, (int, np.integer)) else 0
+    if m <= 0:
+        return frozenset()
+    return frozenset(lab for k, lab in enumerate(labels) if (m >> k) & 1)
+
+
+def consensus(label_sets, label_space: str | None = None) -> frozenset:
+    """Group consensus M = {k : v_k >= 0.5}, v_k = share of sets containing k; if empty, the argmax labels.
+
+    All tied maxima are kept. With a label_space, labels outside it get no vote. When no set holds a (votable)
+    label, M is empty.
+
+    >>> sorted(consensus([{"joy"}, {"joy", "surprise"}, {"anger"}]))
+    ['joy']
+    >>> sorted(consensus([{"joy"}, {"anger"}, {"fear"}, set()]))
+    ['anger', 'fear', 'joy']
+    """
+    if label_space is not None:
+        check_label_space(label_space)
+    votable = None if label_space is None else _INDEX[label_space]
+    sets = [as_label_set(s) for s in label_sets]
+    counts: dict = {}
+    for s in sets:
+        for lab in s:
+            if votable is None or lab in votable:
+                counts[lab] = counts.get(lab, 0) + 1
+    n = len(sets)
+    majority = frozenset(lab for lab, c in counts.items() if 2 * c >= n)
+    if majority or not counts:
+        return majority
+    top = max(counts.values())
+    return frozenset(lab for lab, c in counts.items() if c == top)
+
+
+def group_consistency(label_sets, label_space: str | None = None, eps: float = EPS) -> list[float]:
+    """Per-episode agreement with the group consensus (DESIGN §3.3): c_i = sIoU(P_i, M), M = consensus(P_1..P_n).
+
+    All sets empty (e.g. every episode failed to parse): M = {} and every c_i = sIoU({}, {}) = 1.0. That is a
+    constant within the group, so it moves no SELF-GRPO advantage; it keeps the formula uniform (no special case).
+    Assumption: the paper says "group-level consistency term" only; majority-vote consensus is ours.
+
+    >>> [round(c, 3) for c in group_consistency([{"joy"}, {"joy"}, {"anger"}])]
+    [1.0, 1.0, 0.048]
+    """
+    m = consensus(label_sets, label_space)
+    return [smoothed_iou(s, m, eps=eps) for s in label_sets]
+
+
+def _mask_bits(masks: np.ndarray, n_labels: int) -> np.ndarray:
+    """(N,) int masks -> (N, n_labels) bool membership; negative masks are empty, higher bits ignored."""
+    m = np.asarray(masks, dtype=np.int64).reshape(-1)
+    m = np.where(m < 0, 0, m)
+    return ((m[:, None] >> np.arange(n_labels, dtype=np.int64)[None, :]) & 1).astype(bool)
+
+
+def group_consistency_from_masks(masks, group_ids, n_labels: int, eps: float = EPS) -> np.ndarray:
+    """Vectorised group_consistency over a whole batch of bitmasks, grouped by `group_ids` (e.g. verl uids).
+
+    masks (N,) int, group_ids (N,) any comparable values, returns (N,) float64 c_i; equals group_consistency
+    on each group's mask_to_labels sets (same eps, votes restricted to the n_labels bits). No loop over groups.
+
+    >>> group_consistency_from_masks(np.array([1, 1, 2, 4]), np.array(["a", "a", "a", "b"]), 3).round(3)
+    array([1.   , 1.   , 0.048, 1.   ])
+    """
+    if not 0 < n_labels <= 62:
+        raise ValueError(f"n_labels must be in 1..62, got {n_labels!r}")
+    bits = _mask_bits(masks, n_labels)
+    _, inv = np.unique(np.asarray(group_ids), return_inverse=True)
+    inv = inv.reshape(-1)
+    n_groups = int(inv.max()) + 1 if inv.size else 0
+    counts = np.zeros((n_groups, n_labels), dtype=np.int64)
+    np.add.at(counts, inv, bits.astype(np.int64))
+    sizes = np.bincount(inv, minlength=n_groups)
+    cons = 2 * counts >= sizes[:, None]
+    top = counts.max(axis=1, initial=0)
+    fallback = (counts == top[:, None]) & (counts > 0)
+    cons = np.where(cons.any(axis=1)[:, None], cons, fallback)
+    m = cons[inv]
+    inter = (bits & m).sum(axis=1) + eps
+    union = (bits | m).sum(axis=1) + eps
+    return np.divide(inter, union, out=np.ones(len(bits)), where=union != 0)
