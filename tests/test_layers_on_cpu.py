@@ -10,6 +10,7 @@ import pytest
 CORE_MODULES = [
     "selfemo_verl.labels",
     "selfemo_verl.prompts",
+    "selfemo_verl.selfplay",
     "selfemo_verl.rewards",
     "selfemo_verl.erc_data",
     "selfemo_verl.episodes",
