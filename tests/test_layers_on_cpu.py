@@ -12,6 +12,7 @@ CORE_MODULES = [
     "selfemo_verl.prompts",
     "selfemo_verl.selfplay",
     "selfemo_verl.rewards",
+    "selfemo_verl.advantage",
     "selfemo_verl.erc_data",
     "selfemo_verl.episodes",
     "selfemo_verl.flywheel",

@@ -1,0 +1,140 @@
+"""SELF-GRPO trainer: verl 0.9.1's v1 synchronous PPO trainer plus group-level consistency (DESIGN §3.3, §5).
+
+Adapter; every reliance on a private verl 0.9.1 name lives in this file, each marked, each with a contract
+test in tests/test_trainer_on_cpu.py.
+
+What changes against `PPOTrainerSync`: only the advantage step, and only with `algorithm.adv_estimator=self_grpo`.
+
+1. Read each row's `pred_mask` (the recognizer's label set P_i as a bitmask, from `selfemo_verl.reward`) out of
+   TransferQueue: the streaming reward path stores `compute_score`'s dict as
+   `extra_fields["reward_extra_info"]` of each `AgentLoopOutput` (`AgentLoopWorker._compute_score`), and
+   `AgentLoopWorkerTQ._agent_loop_postprocess` writes `extra_fields` as a TQ column under the key
+   `{uid}_{session}_{output}`.
+2. c_i = sIoU(P_i, M_uid) over the rows of each uid (`rewards.group_consistency_from_masks`), with the
+   sIoU ε of `selfemo.reward.eps`. n_labels is the widest label space (7): a mask never sets bits beyond its
+   own space, so the extra all-zero columns change neither the consensus nor the sIoU, and mixed-dataset
+   batches need no per-row label space.
+3. Run verl's own `_compute_advantage` (KL-in-reward, rollout correction, write-back untouched) with a
+   `ConsistencyFeed` active; the registered `self_grpo` estimator takes c_i from it after checking the uids
+   match row for row, and leaves its diagnostics, which are logged as `selfemo/consistency_mean`,
+   `selfemo/zero_std_groups`, `selfemo/adv_clip_frac` (verl's padding rows excluded).
+
+Limitation: one `AgentLoopOutput` per episode (what `selfemo_self_play` returns). Several outputs per session
+would all join the uid group (verl's special multi-output handling applies to `grpo` only), so it raises.
+
+`SelfEmoTaskRunner` is verl's `TaskRunnerV1` with this trainer behind `trainer.v1.trainer_mode=sync`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import ray
+import transfer_queue as tq
+
+from verl.trainer.main_ppo import TaskRunnerV1
+from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
+from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+
+from selfemo_verl.estimator import ConsistencyFeed, consistency_feed
+from selfemo_verl.labels import LABEL_SPACES
+from selfemo_verl.rewards import group_consistency_from_masks
+
+N_LABELS = max(len(labels) for labels in LABEL_SPACES.values())
+METRIC_PREFIX = "selfemo/"
+_TQ_FIELDS = ["uid", "extra_fields"]
+
+
+def check_trainer_mode(config) -> None:
+    """SELF-GRPO runs on the v1 synchronous trainer only; anything else is a config error."""
+    if not config.trainer.use_v1:
+        raise ValueError("selfemo_verl.main needs trainer.use_v1=true (the v1 trainer); got false")
+    mode = config.trainer.v1.trainer_mode
+    if mode != "sync":
+        raise ValueError(f"selfemo_verl.main needs trainer.v1.trainer_mode=sync; got {mode!r}")
+
+
+def pred_masks(keys, extra_fields, valid) -> np.ndarray:
+    """(N,) int64 `pred_mask` per row from the TQ `extra_fields` column; a real row without one is a wiring error.
+
+    verl's synthetic padding rows (`valid` False: own uid, response mask 0) get 0 without being read.
+    """
+    masks = np.zeros(len(keys), dtype=np.int64)
+    for i, (key, fields, real) in enumerate(zip(keys, extra_fields, valid, strict=True)):
+        if not real:
+            continue
+        info = fields.get("reward_extra_info") if isinstance(fields, dict) else None
+        if not isinstance(info, dict) or "pred_mask" not in info:
+            raise ValueError(
+                f"row {key}: extra_fields['reward_extra_info'] has no 'pred_mask'; self_grpo needs "
+                "reward.custom_reward_function.path=pkg://selfemo_verl.reward (streaming reward path)"
+            )
+        masks[i] = int(info["pred_mask"])
+    return masks
+
+
+def check_one_output_per_session(keys) -> None:
+    """Keys are `{uid}_{session}_{output}`; SELF-GRPO supports output index 0 only (see module docstring)."""
+    extra = [k for k in keys if k.rsplit("_", 2)[-1] != "0"]
+    if extra:
+        raise ValueError(f"self_grpo expects one AgentLoopOutput per episode; got multi-output key {extra[0]!r}")
+
+
+def consistency_feed_for(keys, tags, rows, eps: float) -> ConsistencyFeed:
+    """The estimator feed for one batch: uids, c_i per row, and which rows are real (not verl padding)."""
+    # TensorDict["non-tensor field"] is a list of the python values (tensordict LinkedList).
+    uids = np.array(list(rows["uid"]), dtype=object)
+    valid = np.array([not tag.get("is_padding", False) for tag in tags], dtype=bool)
+    masks = pred_masks(keys, list(rows["extra_fields"]), valid)
+    consistency = group_consistency_from_masks(masks, uids, N_LABELS, eps)
+    return ConsistencyFeed(uids=uids, consistency=consistency, valid=valid)
+
+
+class SelfEmoTrainer(PPOTrainerSync):
+    """`PPOTrainerSync` whose advantage step feeds SELF-GRPO the group-level consistency c_i."""
+
+    # Overrides verl 0.9.1 PPOTrainer._compute_advantage; re-check on upgrade.
+    def _compute_advantage(self, batch, metrics: dict):
+        if self.config.algorithm.adv_estimator != "self_grpo":
+            return super()._compute_advantage(batch, metrics)
+        check_one_output_per_session(batch.keys)
+        # Relies on verl 0.9.1 private TransferQueue columns "uid", "extra_fields" (AgentLoopWorkerTQ).
+        rows = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=_TQ_FIELDS)
+        feed = consistency_feed_for(batch.keys, batch.tags, rows, eps=self.config.selfemo.reward.eps)
+        with consistency_feed(feed):
+            batch = super()._compute_advantage(batch, metrics)
+        if feed.stats is None:
+            raise RuntimeError("verl's _compute_advantage did not call the self_grpo estimator (verl changed?)")
+        metrics.update({METRIC_PREFIX + name: value for name, value in feed.stats.items()})
+        return batch
+
+
+@contextlib.contextmanager
+def sync_trainer_is(trainer_cls):
+    """Inside the block, verl's trainer registry maps mode "sync" to `trainer_cls` (a PPOTrainerSync subclass).
+
+    The mode name stays "sync" because verl compares `trainer_mode` to that string in several places.
+    """
+    if not issubclass(trainer_cls, PPOTrainerSync):
+        raise TypeError(f"{trainer_cls!r} is not a PPOTrainerSync subclass")
+    # Relies on verl 0.9.1 private TRAINER_REGISTRY (v1/trainer_base.py), read by TaskRunnerV1.run; re-check on upgrade.
+    previous = TRAINER_REGISTRY["sync"]
+    TRAINER_REGISTRY["sync"] = trainer_cls
+    try:
+        yield
+    finally:
+        TRAINER_REGISTRY["sync"] = previous
+
+
+class SelfEmoTaskRunnerBase(TaskRunnerV1.__ray_actor_class__):
+    """verl's `TaskRunnerV1` (plain class) running `SelfEmoTrainer`."""
+
+    # Overrides verl 0.9.1 TaskRunnerV1.run; re-check on upgrade.
+    def run(self, config):
+        check_trainer_mode(config)
+        with sync_trainer_is(SelfEmoTrainer):
+            return super().run(config)
+
+
+SelfEmoTaskRunner = ray.remote(SelfEmoTaskRunnerBase)

@@ -1,0 +1,214 @@
+"""SelfEmoTrainer (selfemo_verl/trainer.py): the v1 advantage step with group-level consistency, and the
+contracts with the private verl 0.9.1 names it relies on (each fails loudly if verl changes)."""
+
+import importlib.util
+import inspect
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from transfer_queue import KVBatchMeta
+
+from selfemo_verl.advantage import self_grpo_advantage
+from selfemo_verl.reward import compute_score
+from selfemo_verl.rewards import group_consistency, group_consistency_from_masks
+from selfemo_verl.trainer import (
+    N_LABELS,
+    SelfEmoTaskRunner,
+    SelfEmoTaskRunnerBase,
+    SelfEmoTrainer,
+    check_trainer_mode,
+    sync_trainer_is,
+)
+from verl.experimental.agent_loop.agent_loop import AgentLoopMetrics, AgentLoopOutput, AgentLoopWorker
+from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
+from verl.trainer.ppo.v1 import AgentLoopWorkerTQ, get_trainer_cls
+from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY, PPOTrainer
+from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+from verl.utils.tensordict_utils import list_of_dict_to_tensordict
+
+# --import-mode=importlib keeps tests/ off sys.path, so load tests/fakes.py by file.
+_spec = importlib.util.spec_from_file_location("selfemo_trainer_fakes", Path(__file__).with_name("fakes.py"))
+fakes = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fakes)
+
+# Two prompts of 4 episodes each (MELD). Gold differs, predictions are the same: joy, joy, joy, anger.
+GROUPS = {"uidA": ["anger"], "uidB": ["sadness"]}
+PREDS = ["joy", "joy", "joy", "anger"]
+
+
+@pytest.fixture(scope="module")
+def config():
+    with initialize_config_module(config_module="selfemo_verl.config", version_base=None):
+        return compose(config_name="selfemo_trainer")
+
+
+def _episode(uid, session, gold, pred, length):
+    """One row the way AgentLoopWorkerTQ._agent_loop_postprocess stores it (reward from our compute_score)."""
+    extra_info = {"label_space": "meld", "index": 0}
+    result = compute_score("selfemo/meld", f"<emotion>{pred}</emotion>", gold, extra_info)
+    out = AgentLoopOutput(
+        prompt_ids=[1, 2, 3], response_ids=list(range(4, 4 + length)), response_mask=[1] * length,
+        reward_score=result["score"], num_turns=2, metrics=AgentLoopMetrics(),
+        extra_fields={"reward_extra_info": result},
+    )
+    row = out.as_dict()
+    row.update(uid=uid, session_id=session, extra_info=extra_info, data_source="selfemo/meld")
+    return f"{uid}_{session}_0", row, {"status": "success"}
+
+
+def _padding_row(template):
+    """verl's synthetic padding row (padding_utils.construct_minimal_padding_template): mask 0, own uid."""
+    row = dict(template, uid="padXYZ", response_mask=torch.zeros(1, dtype=torch.int64),
+               rm_scores=torch.zeros(1), responses=torch.zeros(1, dtype=torch.int64))
+    return "padXYZ_0_0", row, {"status": "success", "is_padding": True}
+
+
+@pytest.fixture()
+def stored_batch(monkeypatch):
+    """A fake TransferQueue holding 8 real episodes + 1 padding row, patched into verl and our trainer."""
+    fake = fakes.FakeTransferQueue()
+    entries = [_episode(uid, s, gold, pred, length=3 + s)
+               for uid, gold in GROUPS.items() for s, pred in enumerate(PREDS)]
+    entries.append(_padding_row(entries[0][1]))
+    keys, rows, tags = zip(*entries)
+    fake.kv_batch_put(list(keys), "train", fields=list_of_dict_to_tensordict(list(rows)))
+    monkeypatch.setattr("verl.trainer.ppo.v1.trainer_base.tq", fake)
+    monkeypatch.setattr("selfemo_verl.trainer.tq", fake)
+    return fake, KVBatchMeta(keys=list(keys), tags=list(tags), partition_id="train")
+
+
+def _trainer(config):
+    trainer = SelfEmoTrainer.__new__(SelfEmoTrainer)  # no Ray workers: only the advantage step is exercised
+    trainer.config = config
+    return trainer
+
+
+def test_advantage_step_uses_group_consensus_not_per_sample_scores(config, stored_batch):
+    fake, batch = stored_batch
+    metrics = {}
+    _trainer(config)._compute_advantage(batch, metrics)
+
+    real = [k for k, t in zip(batch.keys, batch.tags) if not t.get("is_padding")]
+    uids = np.array([k.split("_")[0] for k in real], dtype=object)
+    scores = torch.tensor([float(fake.rows[("train", k)]["rm_scores"].sum()) for k in real])
+    # reason: c_i from the group's label sets via the list-based core function (an independent path)
+    c = np.concatenate([group_consistency([{p} for p in PREDS], "meld", eps=0.1) for _ in GROUPS])
+    np.testing.assert_allclose(c[:4], [1, 1, 1, 0.1 / 2.1], atol=1e-9)  # consensus {joy}
+    expected, _ = self_grpo_advantage(scores[:, None], torch.ones(len(real), 1), uids, c)
+    got = torch.stack([fake.rows[("train", k)]["advantages"][0] for k in real])
+    torch.testing.assert_close(got, expected[:, 0], atol=1e-6, rtol=0)
+    for k in real:  # broadcast over the whole (all-ones) response mask
+        adv = fake.rows[("train", k)]["advantages"]
+        assert torch.equal(adv, adv[:1].expand_as(adv))
+
+    # reason: group A's per-sample scores favour the one "anger" (gold), consensus favours "joy" -> c differs
+    assert scores[3] > scores[0] and c[3] < c[0]
+    # reason: group B is all wrong (equal task reward); only consistency separates joy (+) from anger (-)
+    assert len(set(scores[4:].tolist())) == 1
+    assert (got[4:7] > 0).all() and got[7] < 0
+
+    assert metrics["selfemo/zero_std_groups"] == 1.0  # group B; the padding group is not counted
+    assert metrics["selfemo/consistency_mean"] == pytest.approx(float(c.mean()))
+    assert metrics["selfemo/adv_clip_frac"] == 0.0
+    assert fake.rows[("train", "padXYZ_0_0")]["advantages"].abs().sum() == 0
+
+
+def test_advantage_step_without_pred_mask_names_the_row(config, stored_batch):
+    fake, batch = stored_batch
+    fake.rows[("train", batch.keys[2])]["extra_fields"] = {"reward_extra_info": {"score": 1.0}}
+    with pytest.raises(ValueError, match=f"row {batch.keys[2]}.*pred_mask"):
+        _trainer(config)._compute_advantage(batch, {})
+
+
+def test_padding_rows_need_no_pred_mask(config, stored_batch):
+    fake, batch = stored_batch
+    fake.rows[("train", "padXYZ_0_0")]["extra_fields"] = {}  # reason: verl builds padding rows, not our reward
+    metrics = {}
+    _trainer(config)._compute_advantage(batch, metrics)
+    assert metrics["selfemo/zero_std_groups"] == 1.0
+
+
+def test_widest_label_space_gives_the_same_consistency_as_the_own_one():
+    # reason: the trainer uses n_labels = 7 for every dataset; IEMOCAP masks (6 bits) must not notice
+    rng = np.random.default_rng(0)
+    masks, groups = rng.integers(0, 2**6, 200), rng.integers(0, 30, 200)
+    np.testing.assert_array_equal(group_consistency_from_masks(masks, groups, N_LABELS, 0.1),
+                                  group_consistency_from_masks(masks, groups, 6, 0.1))
+    assert N_LABELS == 7
+
+
+def test_advantage_step_rejects_multi_output_episodes(config, stored_batch):
+    fake, batch = stored_batch
+    key, row, tag = _episode("uidA", 0, GROUPS["uidA"], "joy", length=3)  # a second output of session 0
+    fake.kv_batch_put(["uidA_0_1"], "train", fields=list_of_dict_to_tensordict([row]))
+    batch = KVBatchMeta(keys=batch.keys + ["uidA_0_1"], tags=batch.tags + [tag], partition_id="train")
+    with pytest.raises(ValueError, match="one AgentLoopOutput per episode"):
+        _trainer(config)._compute_advantage(batch, {})
+
+
+def test_other_estimators_pass_through_without_selfemo_metrics(config, stored_batch):
+    fake, batch = stored_batch
+    cfg = config.copy()
+    cfg.algorithm.adv_estimator = "grpo"
+    metrics = {}
+    _trainer(cfg)._compute_advantage(batch, metrics)
+    assert not [m for m in metrics if m.startswith("selfemo/")]
+    assert "advantages" in fake.rows[("train", batch.keys[0])]
+
+
+def test_trainer_mode_must_be_v1_sync(config):
+    check_trainer_mode(config)
+    for key, value, message in [("use_v1", False, "use_v1"), ("v1.trainer_mode", "colocate_async", "sync")]:
+        cfg = config.copy()
+        cfg.trainer.merge_with({key.split(".")[0]: value} if "." not in key else {"v1": {"trainer_mode": value}})
+        with pytest.raises(ValueError, match=message):
+            check_trainer_mode(cfg)
+
+
+def test_sync_trainer_is_swaps_and_restores_the_registry():
+    with sync_trainer_is(SelfEmoTrainer):
+        assert get_trainer_cls("sync") is SelfEmoTrainer
+    assert get_trainer_cls("sync") is PPOTrainerSync
+    with pytest.raises(TypeError):
+        with sync_trainer_is(PPOTrainer):
+            pass
+
+
+def test_task_runner_is_a_ray_actor_over_verl_task_runner_v1():
+    assert issubclass(SelfEmoTaskRunnerBase, TaskRunnerV1.__ray_actor_class__)
+    assert SelfEmoTaskRunner.__ray_actor_class__ is SelfEmoTaskRunnerBase
+    assert list(inspect.signature(run_ppo).parameters) == ["config", "task_runner_class"]
+
+
+# ---- contracts with verl 0.9.1 private names (re-check on upgrade) --------------------------------------
+
+
+def test_contract_ppo_trainer_compute_advantage():
+    assert list(inspect.signature(PPOTrainer._compute_advantage).parameters) == ["self", "batch", "metrics"]
+    assert PPOTrainerSync._compute_advantage is PPOTrainer._compute_advantage  # we override the base version
+    src = inspect.getsource(PPOTrainer._compute_advantage)
+    # rows reach the estimator in batch.keys order, with config.algorithm as `config`
+    assert "tq.kv_batch_get(keys=batch.keys" in src and "config=self.config.algorithm" in src
+
+
+def test_contract_task_runner_v1_run_reads_the_trainer_registry():
+    run = TaskRunnerV1.__ray_actor_class__.run
+    assert list(inspect.signature(run).parameters)[:2] == ["self", "config"]  # Ray adds _ray_trace_ctx
+    assert "get_trainer_cls(config.trainer.v1.trainer_mode)" in inspect.getsource(run)
+    assert TRAINER_REGISTRY["sync"] is PPOTrainerSync
+
+
+def test_contract_reward_extra_info_lands_in_extra_fields_column():
+    assert 'extra_fields["reward_extra_info"]' in inspect.getsource(AgentLoopWorker._compute_score)
+    src = inspect.getsource(AgentLoopWorkerTQ.__ray_actor_class__._agent_loop_postprocess)
+    assert 'f"{uid}_{session_id}_{i}"' in src and "output.as_dict()" in src
+    assert "extra_fields" in AgentLoopOutput.model_fields
+
+
+def test_contract_padding_rows_are_tagged():
+    from verl.trainer.ppo import padding_utils
+
+    assert "is_padding=True" in inspect.getsource(padding_utils.construct_minimal_padding_template)
