@@ -42,7 +42,8 @@ if none names a known space the sample scores r_invalid with parse_ok 0.
 Returned keys (identical for every sample, all finite scalars, for verl's reward_extra_info and logging):
 score (R), r_rec, r_con, r_und (floats; 0.0 when absent), has_con, has_und (1.0/0.0: average r_con/r_und
 over rows where these are 1), parse_ok (1.0 iff the recognition parsed), pred_mask (int bitmask of P_t over
-LABEL_SPACES[space], read by the SELF-GRPO trainer), n_pred (int |P_t|). With default knobs score is in
+LABEL_SPACES[space], read by the SELF-GRPO trainer), n_pred (int |P_t|), gold_mask (int bitmask of the gold
+labels, for the corpus-level validation metrics the trainer computes). With default knobs score is in
 [0, w_rec + w_con + w_und] = [0, 1.75]. Never raises for any data_source/solution_str/ground_truth/extra_info;
 an unknown knob name raises ValueError (a config error).
 """
@@ -91,12 +92,13 @@ def _is_map(value) -> bool:
     return type(value) is dict or isinstance(value, Mapping)
 
 
-def _result(space, pred, status, scores: dict) -> dict:
+def _result(space, pred, status, gold, scores: dict) -> dict:
     """Add the recognition bookkeeping keys to score_episode's dict (one fixed key set for every sample)."""
     ok = is_ok(status)
     scores["parse_ok"] = 1.0 if ok else 0.0
     scores["pred_mask"] = labels_to_mask(pred, space) if ok and space else 0
     scores["n_pred"] = len(pred) if ok else 0
+    scores["gold_mask"] = labels_to_mask(gold, space) if space else 0
     return scores
 
 
@@ -122,13 +124,14 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kw
     selfemo = raw if _is_map(raw) else {}
     space = _label_space(data_source, info, selfemo)
     if space is None:
-        return _result(None, frozenset(), "missing", score_episode(frozenset(), "missing", frozenset(), **kwargs))
+        return _result(None, frozenset(), "missing", frozenset(),
+                       score_episode(frozenset(), "missing", frozenset(), **kwargs))
     if raw is None:
         pred, status = parse_emotions(solution_str, space)
     else:
         pred, status = as_label_set(selfemo.get("pred")), selfemo.get("pred_status", "missing")
+    gold = _gold(ground_truth, space)
     scores = score_episode(
-        pred, status, _gold(ground_truth, space), label_space=space, turns=_turns(selfemo),
-        next_gold=info.get("next_gold"), **kwargs,
+        pred, status, gold, label_space=space, turns=_turns(selfemo), next_gold=info.get("next_gold"), **kwargs,
     )
-    return _result(space, pred, status, scores)
+    return _result(space, pred, status, gold, scores)

@@ -14,7 +14,7 @@ import selfemo_verl.reward as reward_mod
 from selfemo_verl.labels import LABEL_SPACES
 from selfemo_verl.reward import compute_score
 
-KEYS = {"score", "r_rec", "r_con", "r_und", "has_con", "has_und", "parse_ok", "pred_mask", "n_pred"}
+KEYS = {"score", "r_rec", "r_con", "r_und", "has_con", "has_und", "parse_ok", "pred_mask", "n_pred", "gold_mask"}
 MAX_SCORE = 1.0 + 0.5 + 0.25  # default weights, every term in [0, 1]
 
 
@@ -221,3 +221,13 @@ def test_compute_score_runs_in_verls_naive_reward_loop(path, tokenizer, repo_roo
     data = _trajectory(tokenizer, "Thinking... <emotion>surprise, joy</emotion>", {"index": 1}, {}, gt)
     info = rm.loop.run_until_complete(rm.run_single(data))["reward_extra_info"]
     assert info["score"] == pytest.approx(1.1 / 2.1) and info["n_pred"] == 2
+
+
+def test_gold_mask_carries_the_gold_labels_for_corpus_metrics():
+    # reason: the trainer's validation step computes weighted-F1 from pred_mask vs gold_mask
+    from selfemo_verl.rewards import mask_to_labels
+
+    result = compute_score("selfemo/meld", "<emotion>anger</emotion>", ["joy"])
+    assert mask_to_labels(result["gold_mask"], "meld") == {"joy"}
+    assert mask_to_labels(result["pred_mask"], "meld") == {"anger"}
+    assert compute_score("unknown/source", "<emotion>joy</emotion>", ["joy"])["gold_mask"] == 0
