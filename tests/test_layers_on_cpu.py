@@ -16,6 +16,8 @@ CORE_MODULES = [
     "selfemo_verl.erc_data",
     "selfemo_verl.episodes",
     "selfemo_verl.flywheel",
+    "selfemo_verl.evaluate",
+    "selfemo_verl.eval_generate",
 ]
 
 
