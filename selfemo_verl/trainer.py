@@ -22,6 +22,10 @@ What changes against `PPOTrainerSync`: only the advantage step, and only with `a
 Limitation: one `AgentLoopOutput` per episode (what `selfemo_self_play` returns). Several outputs per session
 would all join the uid group (verl's special multi-output handling applies to `grpo` only), so it raises.
 
+Validation: weighted-F1 is corpus-level, so it cannot be the mean of per-sample scores; the validation step
+also computes accuracy / weighted-F1 / macro-F1 / parse-failure rate per data source from the gathered
+`pred_mask` / `gold_mask` of `compute_score` and logs them as `val-core/selfemo/weighted_f1/<dataset>` etc.
+
 `SelfEmoTaskRunner` is verl's `TaskRunnerV1` with this trainer behind `trainer.v1.trainer_mode=sync`.
 """
 
@@ -38,6 +42,7 @@ from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
 from selfemo_verl.estimator import ConsistencyFeed, consistency_feed
+from selfemo_verl.evaluate import metrics_by_source
 from selfemo_verl.labels import LABEL_SPACES
 from selfemo_verl.rewards import group_consistency_from_masks
 
@@ -108,6 +113,40 @@ class SelfEmoTrainer(PPOTrainerSync):
             raise RuntimeError("verl's _compute_advantage did not call the self_grpo estimator (verl changed?)")
         metrics.update({METRIC_PREFIX + name: value for name, value in feed.stats.items()})
         return batch
+
+    # Overrides verl 0.9.1 PPOTrainer._val_metrics_update; re-check on upgrade.
+    def _val_metrics_update(self, data_sources, sample_uids, reward_extra_infos_dict, sample_turns, **kwargs):
+        metrics = super()._val_metrics_update(
+            data_sources, sample_uids, reward_extra_infos_dict, sample_turns, **kwargs
+        )
+        metrics.update(corpus_val_metrics(data_sources, reward_extra_infos_dict))
+        return metrics
+
+
+def corpus_val_metrics(data_sources, reward_extra_infos: dict) -> dict[str, float]:
+    """Corpus-level ERC metrics per `selfemo/<dataset>` source from the per-sample reward extra info.
+
+    Rows of other data sources (or without masks) are left to verl's own metrics.
+    """
+    preds, golds = reward_extra_infos.get("pred_mask"), reward_extra_infos.get("gold_mask")
+    if preds is None or golds is None:
+        return {}
+    rows = [i for i, source in enumerate(data_sources)
+            if str(source).startswith("selfemo/") and str(source)[8:] in LABEL_SPACES
+            and preds[i] is not None and golds[i] is not None]
+    if not rows:
+        return {}
+    sources = [str(data_sources[i]) for i in rows]
+    by_source = metrics_by_source([int(preds[i]) for i in rows], [int(golds[i]) for i in rows],
+                                  sources, [source[8:] for source in sources])
+    out = {}
+    for source, values in by_source.items():
+        dataset = source[8:]
+        for name in ("weighted_f1", "accuracy"):
+            out[f"val-core/selfemo/{name}/{dataset}"] = values[name]
+        for name in ("macro_f1", "parse_failure_rate"):
+            out[f"val-aux/selfemo/{name}/{dataset}"] = values[name]
+    return out
 
 
 @contextlib.contextmanager

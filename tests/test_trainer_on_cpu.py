@@ -212,3 +212,32 @@ def test_contract_padding_rows_are_tagged():
     from verl.trainer.ppo import padding_utils
 
     assert "is_padding=True" in inspect.getsource(padding_utils.construct_minimal_padding_template)
+
+
+def test_validation_metrics_are_corpus_level_weighted_f1_per_source():
+    # reason: weighted-F1 of the gathered predictions, not the mean of per-sample scores
+    from sklearn.metrics import f1_score
+
+    from selfemo_verl.rewards import labels_to_mask
+    from selfemo_verl.trainer import corpus_val_metrics
+
+    gold = ["joy", "joy", "anger", "neutral", "neutral", "neutral"]
+    pred = ["joy", "anger", "anger", "neutral", "joy", "neutral"]
+    infos = {
+        "pred_mask": [labels_to_mask({p}, "meld") for p in pred] + [1],
+        "gold_mask": [labels_to_mask({g}, "meld") for g in gold] + [1],
+    }
+    sources = ["selfemo/meld"] * 6 + ["openai/gsm8k"]
+    out = corpus_val_metrics(sources, infos)
+    expected = f1_score(gold, pred, average="weighted")
+    assert out["val-core/selfemo/weighted_f1/meld"] == pytest.approx(expected)
+    assert out["val-core/selfemo/accuracy/meld"] == pytest.approx(4 / 6)
+    assert out["val-aux/selfemo/parse_failure_rate/meld"] == 0.0
+    assert not any("gsm8k" in key for key in out)
+    assert corpus_val_metrics(sources, {"reward": [0.0] * 7}) == {}
+
+
+def test_contract_val_metrics_update_signature():
+    params = list(inspect.signature(PPOTrainer._val_metrics_update).parameters)
+    assert params == ["self", "data_sources", "sample_uids", "reward_extra_infos_dict", "sample_turns",
+                      "expected_acc_counts"]
