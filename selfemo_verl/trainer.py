@@ -22,6 +22,9 @@ What changes against `PPOTrainerSync`: only the advantage step, and only with `a
 Limitation: one `AgentLoopOutput` per episode (what `selfemo_self_play` returns). Several outputs per session
 would all join the uid group (verl's special multi-output handling applies to `grpo` only), so it raises.
 
+Episode dump (`selfemo.dump.enable`): the same TransferQueue read also writes every real episode of the step
+(`episodes.write_step`: uid, row index, `extra_fields["selfemo"]`, reward terms) for the data flywheel.
+
 Validation: weighted-F1 is corpus-level, so it cannot be the mean of per-sample scores; the validation step
 also computes accuracy / weighted-F1 / macro-F1 / parse-failure rate per data source from the gathered
 `pred_mask` / `gold_mask` of `compute_score` and logs them as `val-core/selfemo/weighted_f1/<dataset>` etc.
@@ -41,6 +44,7 @@ from verl.trainer.main_ppo import TaskRunnerV1
 from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
+from selfemo_verl.episodes import records_from_columns, write_step
 from selfemo_verl.estimator import ConsistencyFeed, consistency_feed
 from selfemo_verl.evaluate import metrics_by_source
 from selfemo_verl.labels import LABEL_SPACES
@@ -49,6 +53,8 @@ from selfemo_verl.rewards import group_consistency_from_masks
 N_LABELS = max(len(labels) for labels in LABEL_SPACES.values())
 METRIC_PREFIX = "selfemo/"
 _TQ_FIELDS = ["uid", "extra_fields"]
+_DUMP_FIELDS = ["index", "data_source"]
+_DUMP_REWARDS = ("score", "r_rec", "r_con", "r_und")
 
 
 def check_trainer_mode(config) -> None:
@@ -58,6 +64,27 @@ def check_trainer_mode(config) -> None:
     mode = config.trainer.v1.trainer_mode
     if mode != "sync":
         raise ValueError(f"selfemo_verl.main needs trainer.v1.trainer_mode=sync; got {mode!r}")
+
+
+def check_dump_config(config) -> None:
+    """`selfemo.dump.enable=true` needs `selfemo.dump.dir`."""
+    dump = config.selfemo.dump
+    if dump.enable and not dump.dir:
+        raise ValueError("selfemo.dump.enable=true needs selfemo.dump.dir (the episode dump directory)")
+
+
+def dump_episodes(dump_dir, step: int, tags, rows) -> None:
+    """Write this step's real episodes (uid, row index, selfemo record, reward terms) for the data flywheel."""
+    real = [i for i, tag in enumerate(tags) if not tag.get("is_padding", False)]
+    extra = list(rows["extra_fields"])
+    columns = {name: list(rows[name]) for name in ("uid", "index", "data_source")}
+    infos = [extra[i].get("reward_extra_info", {}) for i in real]
+    records = records_from_columns(
+        step, [columns["uid"][i] for i in real], [int(columns["index"][i]) for i in real],
+        [columns["data_source"][i] for i in real], [extra[i].get("selfemo", {}) for i in real],
+        {name: [info.get(name) for info in infos] for name in _DUMP_REWARDS},
+    )
+    write_step(dump_dir, step, records)
 
 
 def pred_masks(keys, extra_fields, valid) -> np.ndarray:
@@ -101,11 +128,19 @@ class SelfEmoTrainer(PPOTrainerSync):
 
     # Overrides verl 0.9.1 PPOTrainer._compute_advantage; re-check on upgrade.
     def _compute_advantage(self, batch, metrics: dict):
-        if self.config.algorithm.adv_estimator != "self_grpo":
+        dump = self.config.selfemo.dump
+        self_grpo = self.config.algorithm.adv_estimator == "self_grpo"
+        if not (self_grpo or dump.enable):
             return super()._compute_advantage(batch, metrics)
         check_one_output_per_session(batch.keys)
-        # Relies on verl 0.9.1 private TransferQueue columns "uid", "extra_fields" (AgentLoopWorkerTQ).
-        rows = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=_TQ_FIELDS)
+        # Relies on verl 0.9.1 private TransferQueue columns "uid", "extra_fields", and the dataset fields
+        # "index", "data_source" that AgentLoopWorkerTQ._agent_loop_postprocess stores with every row.
+        fields = _TQ_FIELDS + (_DUMP_FIELDS if dump.enable else [])
+        rows = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+        if dump.enable:
+            dump_episodes(dump.dir, self.global_steps, batch.tags, rows)
+        if not self_grpo:
+            return super()._compute_advantage(batch, metrics)
         feed = consistency_feed_for(batch.keys, batch.tags, rows, eps=self.config.selfemo.reward.eps)
         with consistency_feed(feed):
             batch = super()._compute_advantage(batch, metrics)
@@ -172,6 +207,7 @@ class SelfEmoTaskRunnerBase(TaskRunnerV1.__ray_actor_class__):
     # Overrides verl 0.9.1 TaskRunnerV1.run; re-check on upgrade.
     def run(self, config):
         check_trainer_mode(config)
+        check_dump_config(config)
         with sync_trainer_is(SelfEmoTrainer):
             return super().run(config)
 

@@ -55,7 +55,8 @@ def _episode(uid, session, gold, pred, length):
         extra_fields={"reward_extra_info": result},
     )
     row = out.as_dict()
-    row.update(uid=uid, session_id=session, extra_info=extra_info, data_source="selfemo/meld")
+    row.update(uid=uid, session_id=session, extra_info=extra_info, data_source="selfemo/meld",
+               index=sorted(GROUPS).index(uid))
     return f"{uid}_{session}_0", row, {"status": "success"}
 
 
@@ -241,3 +242,31 @@ def test_contract_val_metrics_update_signature():
     params = list(inspect.signature(PPOTrainer._val_metrics_update).parameters)
     assert params == ["self", "data_sources", "sample_uids", "reward_extra_infos_dict", "sample_turns",
                       "expected_acc_counts"]
+
+
+def test_episode_dump_writes_every_real_episode_of_the_step(config, stored_batch, tmp_path):
+    from omegaconf import OmegaConf
+
+    from selfemo_verl.episodes import read_dumps
+
+    fake, batch = stored_batch
+    cfg = OmegaConf.merge(config, {"selfemo": {"dump": {"enable": True, "dir": str(tmp_path)}}})
+    trainer = _trainer(cfg)
+    trainer.global_steps = 7
+    trainer._compute_advantage(batch, {})
+    records, n_corrupt = read_dumps(tmp_path)
+    assert n_corrupt == 0 and len(records) == 8  # the padding row is not an episode
+    assert {r.step for r in records} == {7}
+    assert sorted({(r.uid, r.index) for r in records}) == [("uidA", 0), ("uidB", 1)]
+    stored = sorted((k.split("_")[0], fake.rows[("train", k)]["extra_fields"]["reward_extra_info"]["r_rec"])
+                    for k, t in zip(batch.keys, batch.tags) if not t.get("is_padding"))
+    assert sorted((r.uid, r.rewards["r_rec"]) for r in records) == stored
+
+
+def test_dump_enabled_without_a_directory_is_a_config_error(config):
+    from omegaconf import OmegaConf
+
+    from selfemo_verl.trainer import check_dump_config
+
+    with pytest.raises(ValueError, match="selfemo.dump.dir"):
+        check_dump_config(OmegaConf.merge(config, {"selfemo": {"dump": {"enable": True}}}))
