@@ -1,0 +1,151 @@
+# SELF-EMO self-evolution rounds, shared by recipes/run_qwen3_*.sh (sourced, not run).
+#
+# The recipe sets its model/backend variables and the BACKEND override array, sources this file, then calls
+# `selfemo_rounds "$@"` ("$@" = extra Hydra overrides applied to every round). For r = 0 .. ROUNDS-1:
+#   train    python -m selfemo_verl.main ... data.train_files=D_r  (episodes dumped to round_r/dumps)
+#   flywheel python data_prep/flywheel.py --dumps round_r/dumps --base D_r --out round_{r+1}/train.parquet
+#            (not after the last round; D_0 = DATA_DIR/train.parquet from data_prep/prepare_erc.py)
+#   round r+1 starts from round r's last HF checkpoint (fresh optimizer; the KL reference = that model too).
+# Then the last round's model is evaluated on EVAL_SPLITS (python -m selfemo_verl.evaluate generate/consistency).
+# A round whose round_r/DONE exists is not retrained, so re-running the recipe resumes where it stopped
+# (inside a round, verl's trainer.resume_mode=auto resumes from the round's last checkpoint).
+#
+# DRY_RUN=1: write every round's overrides to OUT_DIR/round_r/overrides.txt, compose + validate them on CPU
+# with recipes/check_config.py (no GPU, no data needed) and print the exact commands; nothing is trained.
+
+PYTHON=${PYTHON:-python3}
+DATASET=${DATASET:-meld}                     # meld | emorynlp | iemocap
+RAW_DIR=${RAW_DIR:-../shared/data/$DATASET}  # raw dataset files (see data/README.md); used if DATA_DIR lacks parquet
+DATA_DIR=${DATA_DIR:-data/$DATASET}          # {train,val,test}.parquet from data_prep/prepare_erc.py
+OUT_DIR=${OUT_DIR:-outputs/$EXPERIMENT}      # round_r/{ckpt,dumps,train.parquet}, eval/
+ROUNDS=${ROUNDS:-3}                          # self-evolution rounds (trainings); ROUNDS-1 flywheel stages
+EPOCHS_PER_ROUND=${EPOCHS_PER_ROUND:-1}      # passes over D_r per round
+SEED=${SEED:-0}                              # flywheel seed
+TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-256}    # prompts per step (x ROLLOUT_N episodes)
+PPO_MINI_BATCH_SIZE=${PPO_MINI_BATCH_SIZE:-64}
+ROLLOUT_N=${ROLLOUT_N:-8}                    # episodes per prompt (the GRPO group)
+LR=${LR:-1e-6}
+KL_LOSS_COEF=${KL_LOSS_COEF:-0.001}
+BETA=${BETA:-0.3}                            # semantic smoothing of the reward (DESIGN §3.1)
+ROLLOUT_GPU_MEM=${ROLLOUT_GPU_MEM:-0.6}
+SAVE_FREQ=${SAVE_FREQ:-20}                   # also saves at each round's last step (needed for the next round)
+TEST_FREQ=${TEST_FREQ:-10}
+LOGGER=${LOGGER:-'["console","file"]'}       # e.g. '["console","wandb"]'
+EVAL_SPLITS=${EVAL_SPLITS:-test}             # e.g. "val test"
+THINKING=${THINKING:-false}                  # Qwen3 chat template enable_thinking (false: short answers, no <think>)
+DRY_RUN=${DRY_RUN:-0}
+
+selfemo_common_overrides() {
+  # ---------------- algorithm: SELF-GRPO (selfemo_trainer.yaml: adv_estimator=self_grpo) + KL loss ----------------
+  ALGORITHM=(
+    algorithm.adv_estimator=self_grpo
+    algorithm.use_kl_in_reward=False
+    actor_rollout_ref.actor.use_kl_loss=True
+    actor_rollout_ref.actor.kl_loss_coef="$KL_LOSS_COEF"
+    actor_rollout_ref.actor.kl_loss_type=low_var_kl
+    actor_rollout_ref.actor.entropy_coeff=0
+  )
+  # ---------------- data: the round's parquet; prompts are short (12-turn window), so are the answers ----------------
+  DATA=(
+    data.val_files="$DATA_DIR/val.parquet"
+    data.train_batch_size="$TRAIN_BATCH_SIZE"
+    data.max_prompt_length=1024
+    data.max_response_length=512
+    data.filter_overlong_prompts=True
+    data.truncation=error
+    +data.apply_chat_template_kwargs.enable_thinking="$THINKING"
+  )
+  # ---------------- SELF-EMO: self-play agent loop, reward knobs ----------------
+  SELFEMO=(
+    actor_rollout_ref.rollout.agent.default_agent_loop=selfemo_self_play
+    reward.custom_reward_function.path=pkg://selfemo_verl.reward
+    reward.custom_reward_function.name=compute_score
+    selfemo.reward.beta="$BETA"
+    selfemo.dump.enable=True
+  )
+  # ---------------- actor / rollout (verl's Qwen3-8B GRPO example where DESIGN is silent) ----------------
+  ACTOR=(
+    actor_rollout_ref.model.use_remove_padding=True
+    actor_rollout_ref.actor.optim.lr="$LR"
+    actor_rollout_ref.actor.ppo_mini_batch_size="$PPO_MINI_BATCH_SIZE"
+    actor_rollout_ref.actor.use_dynamic_bsz=True
+    actor_rollout_ref.actor.ppo_max_token_len_per_gpu="$PPO_MAX_TOKEN_LEN"
+    actor_rollout_ref.rollout.name=vllm
+    actor_rollout_ref.rollout.gpu_memory_utilization="$ROLLOUT_GPU_MEM"
+    actor_rollout_ref.rollout.n="$ROLLOUT_N"
+    actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=True
+    actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu="$PPO_MAX_TOKEN_LEN"
+    actor_rollout_ref.ref.log_prob_use_dynamic_bsz=True
+    actor_rollout_ref.ref.log_prob_max_token_len_per_gpu="$PPO_MAX_TOKEN_LEN"
+  )
+  # ---------------- trainer ----------------
+  TRAINER=(
+    trainer.balance_batch=True
+    trainer.logger="$LOGGER"
+    trainer.project_name=selfemo
+    trainer.n_gpus_per_node="$NGPUS"
+    trainer.nnodes="$NNODES"
+    trainer.save_freq="$SAVE_FREQ"
+    trainer.test_freq="$TEST_FREQ"
+    trainer.total_epochs="$EPOCHS_PER_ROUND"
+    trainer.max_actor_ckpt_to_keep=1           # an 8B FSDP checkpoint with optimizer is ~130 GB
+  )
+}
+
+# Run (or, with DRY_RUN=1, print) one command.
+selfemo_step() {
+  printf '+'; printf ' %q' "$@"; printf '\n'
+  if [ "$DRY_RUN" != 1 ]; then "$@"; fi
+}
+
+# The HF model directory of round r's last checkpoint (a placeholder path under DRY_RUN).
+selfemo_round_model() {
+  local ckpt=$1/ckpt step
+  if [ "$DRY_RUN" = 1 ]; then echo "$ckpt/global_step_LAST/$HF_SUBDIR"; return; fi
+  step=$(cat "$ckpt/latest_checkpointed_iteration.txt")
+  if [ ! -f "$ckpt/global_step_$step/$HF_SUBDIR/config.json" ]; then
+    echo "no HF model at $ckpt/global_step_$step/$HF_SUBDIR (trainer.save_freq must be > 0)" >&2; return 1
+  fi
+  echo "$ckpt/global_step_$step/$HF_SUBDIR"
+}
+
+selfemo_rounds() {
+  DATA_DIR=$(realpath -m "$DATA_DIR") OUT_DIR=$(realpath -m "$OUT_DIR")  # absolute: Ray workers have another cwd
+  selfemo_common_overrides
+  mkdir -p "$OUT_DIR"
+  if [ ! -f "$DATA_DIR/train.parquet" ]; then
+    selfemo_step "$PYTHON" data_prep/prepare_erc.py --dataset "$DATASET" --raw-dir "$RAW_DIR" --out-dir "$DATA_DIR"
+  fi
+  local base=$DATA_DIR/train.parquet model=$MODEL_PATH r rdir checks=()
+  for ((r = 0; r < ROUNDS; r++)); do
+    rdir=$OUT_DIR/round_$r
+    mkdir -p "$rdir"
+    local args=("${ALGORITHM[@]}" "${DATA[@]}" "${SELFEMO[@]}" "${ACTOR[@]}" "${BACKEND[@]}" "${TRAINER[@]}"
+      data.train_files="$base" actor_rollout_ref.model.path="$model" selfemo.dump.dir="$rdir/dumps"
+      trainer.default_local_dir="$rdir/ckpt" trainer.experiment_name="${EXPERIMENT}_r$r" "$@")
+    if [ "$DRY_RUN" = 1 ]; then printf '%s\n' "${args[@]}" > "$rdir/overrides.txt"; checks+=("$rdir/overrides.txt"); fi
+    if [ -f "$rdir/DONE" ]; then
+      echo "round $r: $rdir/DONE exists, not retrained"
+    else
+      export VERL_FILE_LOGGER_PATH=$rdir/metrics.jsonl  # verl's "file" logger: one JSON object per step
+      selfemo_step "$PYTHON" -m selfemo_verl.main "${args[@]}"
+      if [ "$DRY_RUN" != 1 ]; then touch "$rdir/DONE"; fi
+    fi
+    model=$(selfemo_round_model "$rdir")
+    if ((r + 1 < ROUNDS)); then
+      selfemo_step "$PYTHON" data_prep/flywheel.py --dumps "$rdir/dumps" --base "$base" \
+        --out "$OUT_DIR/round_$((r + 1))/train.parquet" --round $((r + 1)) --seed "$SEED"
+      base=$OUT_DIR/round_$((r + 1))/train.parquet
+    fi
+  done
+  local split mode
+  for split in $EVAL_SPLITS; do
+    for mode in generate consistency; do
+      selfemo_step "$PYTHON" -m selfemo_verl.evaluate "$mode" --model "$model" --data "$DATA_DIR/$split.parquet" \
+        --out "$OUT_DIR/eval/${split}_$mode" --chat-template-kwargs "{\"enable_thinking\": $THINKING}"
+    done
+  done
+  if [ "$DRY_RUN" = 1 ]; then
+    "$PYTHON" recipes/check_config.py "${checks[@]}"
+  fi
+}
