@@ -18,6 +18,7 @@ CORE_MODULES = [
     "selfemo_verl.flywheel",
     "selfemo_verl.evaluate",
     "selfemo_verl.eval_generate",
+    "selfemo_verl.demo_report",
 ]
 
 

@@ -1,0 +1,116 @@
+"""Before/after table and reward curve of a training run, from verl's "file" logger output (metrics.jsonl).
+
+Core module (no verl): reads one JSON object per line, `{"step": int, "data": {metric: value}}`. The
+validation before training is logged at step 0 (`trainer.val_before_train`), the one after training with
+the last step (`trainer.test_freq`). Used by `make demo` (recipes/run_cpu_demo.sh):
+
+    python -m selfemo_verl.demo_report RUN_DIR/metrics.jsonl --dataset meld --out RUN_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+# (row label, metric name pattern with {ds} = dataset, scale to percent?)
+TABLE_ROWS = (
+    ("accuracy (%)", "val-core/selfemo/accuracy/{ds}", 100.0),
+    ("weighted-F1 (%)", "val-core/selfemo/weighted_f1/{ds}", 100.0),
+    ("parse failures (%)", "val-aux/selfemo/parse_failure_rate/{ds}", 100.0),
+    ("mean reward", "val-core/selfemo/{ds}/reward/mean@1", 1.0),
+)
+CURVES = ("critic/score/mean", "selfemo/r_rec", "selfemo/r_con", "selfemo/consistency_mean")
+
+
+def read_metrics(path) -> list[tuple[int, dict]]:
+    """(step, metrics) per line; a malformed line is a ValueError naming file and line."""
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                rows.append((int(obj["step"]), dict(obj["data"])))
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"{path}:{lineno}: not a verl file-logger line ({err})") from None
+    return rows
+
+
+def before_after(rows: list[tuple[int, dict]], dataset: str) -> list[tuple[str, float, float]]:
+    """(label, before, after) for every TABLE_ROWS metric; nan where a validation did not log it.
+
+    >>> rows = [(0, {"val-core/selfemo/accuracy/meld": 0.25}), (1, {"x": 1}), (2, {"val-core/selfemo/accuracy/meld": 0.5})]
+    >>> before_after(rows, "meld")[0]
+    ('accuracy (%)', 25.0, 50.0)
+    """
+    vals = [(step, data) for step, data in rows if any(k.startswith("val-") for k in data)]
+    first = vals[0][1] if vals else {}
+    last = vals[-1][1] if len(vals) > 1 else {}
+    out = []
+    for label, pattern, scale in TABLE_ROWS:
+        name = pattern.format(ds=dataset)
+        out.append((label, scale * float(first.get(name, math.nan)), scale * float(last.get(name, math.nan))))
+    return out
+
+
+def format_table(table: list[tuple[str, float, float]]) -> str:
+    """A markdown table: metric | before | after | change."""
+    lines = ["| metric | before | after | change |", "|---|---|---|---|"]
+    for label, before, after in table:
+        lines.append(f"| {label} | {before:.2f} | {after:.2f} | {after - before:+.2f} |")
+    return "\n".join(lines)
+
+
+def plot_curves(rows: list[tuple[int, dict]], out_png: Path) -> list[str]:
+    """Save the training reward curves (those of CURVES that were logged); return the plotted names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    plotted = []
+    for name in CURVES:
+        points = [(step, data[name]) for step, data in rows if name in data and step > 0]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=name)
+            plotted.append(name)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("mean over the step's episodes")
+    ax.set_title("SELF-EMO CPU demo: training rewards")
+    ax.legend()
+    tmp = out_png.with_name(out_png.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+    return plotted
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Before/after table and reward curve of a run")
+    parser.add_argument("metrics", help="metrics.jsonl written by verl's file logger")
+    parser.add_argument("--dataset", default="meld")
+    parser.add_argument("--out", required=True, help="folder for report.md and reward_curve.png")
+    args = parser.parse_args(argv)
+    try:
+        rows = read_metrics(args.metrics)
+    except (OSError, ValueError) as err:
+        print(f"demo_report: error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = format_table(before_after(rows, args.dataset))
+    plotted = plot_curves(rows, out / "reward_curve.png")
+    (out / "report.md").write_text(table + "\n", encoding="utf-8")
+    print(table)
+    print(f"reward curve ({', '.join(plotted) or 'nothing logged'}): {out / 'reward_curve.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
