@@ -5,3 +5,6 @@ DEBUG level, so tests/test_register_on_cpu.py asserts every name below exists af
 """
 
 # Each import registers the names in its comment.
+import selfemo_verl.cpu.plugin  # noqa: F401  platform "cpu" (VERL_PLATFORM=cpu), rollout "hf" (rollout.name=hf)
+import selfemo_verl.agent_loop  # noqa: F401  agent loops "selfemo_self_play", "selfemo_recognize"
+import selfemo_verl.estimator  # noqa: F401  advantage estimator "self_grpo"

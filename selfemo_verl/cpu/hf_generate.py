@@ -1,0 +1,194 @@
+"""Token-in/token-out generation and weight loading with plain transformers (no verl, no ray).
+
+The engine behind the `hf` rollout server (`selfemo_verl.cpu.hf_rollout`). It honours the sampling
+parameters verl's agent loops send to vLLM: temperature, top_p, top_k, max_tokens (or max_new_tokens),
+repetition_penalty, stop (strings), stop_token_ids, ignore_eos, logprobs.
+
+Log-probabilities follow verl's default `logprobs_mode=processed_logprobs`: log_softmax(logits / T) of the
+sampled token (T = 1 for greedy), i.e. what the actor recomputes, before top-k/top-p truncation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+GREEDY_BELOW = 1e-5  # a temperature this small means greedy decoding, as in vLLM
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Parsed sampling parameters of one request."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: frozenset = frozenset()
+    ignore_eos: bool = False
+    logprobs: bool = False
+
+
+def _wants_logprobs(value) -> bool:
+    """verl sends a bool; vLLM callers send an int count (0 = the sampled token only) or None."""
+    return value is not None and value is not False
+
+
+def parse_sampling(params: dict, default_max_tokens: int, room: int) -> Sampling:
+    """Sampling from a verl/vLLM-style dict; max_tokens defaults to `default_max_tokens`, clamped to [1, room].
+
+    >>> parse_sampling({"temperature": 0, "max_tokens": 99, "stop": "x"}, 16, 50)
+    Sampling(max_tokens=50, temperature=0.0, top_p=1.0, top_k=-1, repetition_penalty=1.0, stop=('x',), stop_token_ids=frozenset(), ignore_eos=False, logprobs=False)
+    """
+    max_tokens = params.get("max_tokens", params.get("max_new_tokens")) or default_max_tokens
+    stop = params.get("stop") or ()
+    return Sampling(
+        max_tokens=max(1, min(int(max_tokens), room)),
+        temperature=float(params.get("temperature", 1.0)),
+        top_p=float(params.get("top_p", 1.0)),
+        top_k=int(params.get("top_k", -1)),
+        repetition_penalty=float(params.get("repetition_penalty", 1.0) or 1.0),
+        stop=(stop,) if isinstance(stop, str) else tuple(stop),
+        stop_token_ids=frozenset(params.get("stop_token_ids") or ()),
+        ignore_eos=bool(params.get("ignore_eos", False)),
+        logprobs=_wants_logprobs(params.get("logprobs")),
+    )
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty on already-seen tokens: positive logits / p, negative logits * p.
+
+    >>> apply_repetition_penalty(torch.tensor([2.0, -2.0, 1.0]), torch.tensor([0, 1]), 2.0).tolist()
+    [1.0, -4.0, 1.0]
+    """
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits
+    logits = logits.clone()
+    picked = logits[seen]
+    logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits
+
+
+def truncate_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set logits outside the top-k and outside the smallest top-p nucleus to -inf ([V] -> [V]).
+
+    >>> truncate_top_k_top_p(torch.tensor([3.0, 2.0, 1.0]), top_k=2, top_p=1.0).tolist()
+    [3.0, 2.0, -inf]
+    """
+    logits = logits.clone()
+    if 0 < top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits[logits < kth] = float("-inf")
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, -1)
+        outside = torch.cumsum(probs, -1) - probs > top_p  # keep the first token that crosses top_p
+        logits[order[outside]] = float("-inf")
+    return logits
+
+
+def sample_token(logits: torch.Tensor, s: Sampling, generator: torch.Generator) -> tuple[int, float]:
+    """One token from last-position logits [V], with its processed log-probability."""
+    greedy = s.temperature < GREEDY_BELOW
+    scaled = logits.float() / (1.0 if greedy else s.temperature)
+    logp = torch.log_softmax(scaled, -1)
+    if greedy:
+        token = int(torch.argmax(scaled))
+    else:
+        probs = torch.softmax(truncate_top_k_top_p(scaled, s.top_k, s.top_p), -1)
+        token = int(torch.multinomial(probs, 1, generator=generator))
+    return token, float(logp[token])
+
+
+@dataclass
+class Generation:
+    """Result of one request: response token ids, optional log-probs and why it stopped."""
+
+    token_ids: list[int] = field(default_factory=list)
+    log_probs: list[float] | None = None
+    stop_reason: str = "completed"  # "completed" (eos, stop, length) or "aborted", as verl expects
+
+
+class HFGenerator:
+    """A causal LM + tokenizer decoding one request at a time with a KV cache."""
+
+    def __init__(self, model, tokenizer, eos_token_ids, seed: int = 0):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.aborted = False
+
+    def _stop(self, token: int, tokens: list[int], s: Sampling) -> bool:
+        if token in s.stop_token_ids or (not s.ignore_eos and token in self.eos_token_ids):
+            return True
+        if s.stop:
+            tail = self.tokenizer.decode(tokens[-32:], skip_special_tokens=False)
+            return any(stop in tail for stop in s.stop)
+        return False
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[int], s: Sampling) -> Generation:
+        """Decode up to s.max_tokens tokens after prompt_ids; stops at eos / stop ids / stop strings."""
+        out = Generation(log_probs=[] if s.logprobs else None)
+        seen = torch.tensor(list(prompt_ids), dtype=torch.long)
+        step = self.model(input_ids=seen[None], use_cache=True)
+        while len(out.token_ids) < s.max_tokens:
+            if self.aborted:
+                out.stop_reason = "aborted"
+                break
+            logits = apply_repetition_penalty(step.logits[0, -1], seen, s.repetition_penalty)
+            token, logp = sample_token(logits, s, self.generator)
+            out.token_ids.append(token)
+            if out.log_probs is not None:
+                out.log_probs.append(logp)
+            if self._stop(token, out.token_ids, s):
+                break
+            seen = torch.cat([seen, torch.tensor([token])])
+            step = self.model(input_ids=torch.tensor([[token]]), past_key_values=step.past_key_values, use_cache=True)
+        return out
+
+    def load_weights(self, named_tensors) -> dict:
+        """Copy (name, tensor) pairs into the model in place; returns `WeightSync.report()`."""
+        sync = WeightSync(self.model)
+        sync.load(named_tensors)
+        return sync.report()
+
+
+class WeightSync:
+    """One weight sync, possibly in several buckets: copies tensors in place and counts what arrived.
+
+    A complete sync has loaded == received == model_tensors (tied aliases count once loaded) and
+    missing == unexpected == mismatched == 0.
+    """
+
+    def __init__(self, model):
+        self.state = model.state_dict()
+        self.loaded: set[str] = set()
+        self.unexpected: list[str] = []
+        self.mismatched: list[str] = []
+
+    @torch.no_grad()
+    def load(self, named_tensors) -> None:
+        for name, tensor in named_tensors:
+            target = self.state.get(name)
+            if target is None:
+                self.unexpected.append(name)
+            elif tuple(target.shape) != tuple(tensor.shape):
+                self.mismatched.append(name)
+            else:
+                target.copy_(tensor.to(target.dtype))
+                self.loaded.add(name)
+
+    def report(self) -> dict:
+        """Counts: received, loaded, unexpected (names the model lacks), mismatched (wrong shape), missing
+        (model tensors not received, except tied aliases of a loaded tensor), model_tensors."""
+        loaded_ptrs = {self.state[name].data_ptr() for name in self.loaded}
+        missing = [n for n, t in self.state.items() if n not in self.loaded and t.data_ptr() not in loaded_ptrs]
+        return {"received": len(self.loaded) + len(self.unexpected) + len(self.mismatched),
+                "loaded": len(self.loaded), "unexpected": len(self.unexpected), "mismatched": len(self.mismatched),
+                "missing": len(missing), "model_tensors": len(self.state),
+                "missing_names": missing[:8], "unexpected_names": self.unexpected[:8]}

@@ -1,0 +1,367 @@
+"""selfemo_verl.cpu: platform "cpu", rollout "hf", and one contract test per private verl reliance (verl_private).
+
+Platform behaviour depends on process-wide state (verl's platform singleton, VERL_PLATFORM), so those facts are
+gathered in fresh subprocesses, once per environment.
+"""
+
+import inspect
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from selfemo_verl.cpu import hf_generate, launch, verl_private
+from selfemo_verl.cpu.assets import tiny_model_dir
+
+_PROBE = textwrap.dedent("""
+    import json, os, torch
+    facts = {"wrapped_before": getattr(torch.distributed.init_process_group, "_selfemo_gloo_fix", False)}
+    from verl.utils import device as d
+    facts.update(device=d.get_device_name(), backend=d.get_nccl_backend(), resource=d.get_resource_name(),
+                 wrapped=getattr(torch.distributed.init_process_group, "_selfemo_gloo_fix", False))
+    if facts["device"] == "cpu":
+        facts["device_id"] = str(d.get_device_id())
+        m = d.get_torch_device()
+        facts.update(dev_name=m.get_device_name(), mem=list(m.mem_get_info()), alloc=m.memory_allocated(),
+                     rng=bool(torch.equal(m.get_rng_state(), torch.get_rng_state())), avail=m.is_available())
+        m.empty_cache(); m.synchronize(); m.ipc_collect(); m.set_per_process_memory_fraction(0.5)
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PROBE_PORT"], RANK="0", WORLD_SIZE="1")
+        from verl.utils.distributed import initialize_global_process_group_ray
+        initialize_global_process_group_ray()
+        t = torch.ones(3); torch.distributed.all_reduce(t)
+        facts.update(pg_backend=str(torch.distributed.get_backend()), all_reduce=t.tolist())
+        torch.distributed.destroy_process_group()
+        from verl.workers.engine.base import EngineRegistry
+        import verl.workers.engine.fsdp  # registers the FSDP engines
+        try:
+            facts["engine_plain"] = EngineRegistry.get_engine_cls("language_model", "fsdp2").__name__
+        except ValueError as e:
+            facts["engine_plain"] = "ValueError"
+        os.environ["VERL_ENGINE_DEVICE"] = "cuda"
+        facts["engine_env"] = EngineRegistry.get_engine_cls("language_model", "fsdp2").__name__
+    print("FACTS=" + json.dumps(facts))
+""")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _probe(platform: str | None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("VERL_PLATFORM", "VERL_ENGINE_DEVICE")}
+    env.update(PROBE_PORT=str(_free_port()), VERL_LOGGING_LEVEL="ERROR")
+    if platform:
+        env["VERL_PLATFORM"] = platform
+    out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("FACTS=")]
+    assert out.returncode == 0 and lines, out.stderr[-3000:]
+    return json.loads(lines[-1][len("FACTS="):])
+
+
+@pytest.fixture(scope="module")
+def cpu_facts():
+    return _probe("cpu")
+
+
+@pytest.fixture(scope="module")
+def default_facts():
+    return _probe(None)
+
+
+# ---------------- platform "cpu" ----------------
+
+
+def test_cpu_platform_answers_cpu_gloo_and_logical_gpu_when_selected(cpu_facts):
+    assert (cpu_facts["device"], cpu_facts["backend"], cpu_facts["resource"]) == ("cpu", "gloo", "GPU")
+    assert cpu_facts["device_id"] == "cpu"  # verl does .to(get_device_id()); an int would mean an accelerator
+    assert cpu_facts["dev_name"] == "CPU" and cpu_facts["alloc"] == 0 and cpu_facts["avail"] is True
+    free, total = cpu_facts["mem"]
+    assert 0 < free <= total  # host memory, not a fake (0, 0)
+    assert cpu_facts["rng"]  # the device RNG state is the CPU generator's
+
+
+def test_plugin_changes_nothing_when_cpu_platform_not_selected(default_facts):
+    # reason: GPU users import the plugin too; without VERL_PLATFORM=cpu verl's detection and torch stay as they were
+    assert default_facts["device"] == "cuda" and default_facts["backend"] == "nccl"
+    assert default_facts["wrapped"] is False and default_facts["wrapped_before"] is False
+
+
+def test_plugin_import_installs_no_torch_patch_before_platform_is_used(cpu_facts):
+    assert cpu_facts["wrapped_before"] is False and cpu_facts["wrapped"] is True
+
+
+# ---------------- contract tests: one per reliance in verl_private ----------------
+
+
+def test_contract_verl_process_group_backend_string_works_on_cpu_only_with_gloo_fix(cpu_facts):
+    # verl 0.9.1 initialize_global_process_group_ray passes "cpu:gloo,cpu:gloo"; the fix makes it a gloo group
+    assert cpu_facts["pg_backend"] == "gloo" and cpu_facts["all_reduce"] == [1.0, 1.0, 1.0]
+    assert not getattr(torch.distributed.init_process_group, "_selfemo_gloo_fix", False)
+    with pytest.raises(ValueError, match="Duplicate device type cpu"):  # torch itself rejects verl's string
+        torch.distributed.init_process_group("cpu:gloo,cpu:gloo", store=torch.distributed.HashStore(), rank=0,
+                                             world_size=1)
+
+
+def test_contract_verl_backend_string_format_is_unchanged():
+    from verl.utils import distributed
+
+    source = inspect.getsource(distributed.initialize_global_process_group_ray)
+    assert 'f"cpu:gloo,{get_device_name()}:{get_nccl_backend()}"' in source
+
+
+def test_contract_engine_device_env_selects_fsdp_engine_on_cpu(cpu_facts):
+    assert cpu_facts["engine_plain"] == "ValueError"  # verl registers FSDP for cuda/npu only
+    assert cpu_facts["engine_env"] == "FSDPEngineWithLMHead"
+    assert launch.cpu_env()["VERL_ENGINE_DEVICE"] == verl_private.ENGINE_DEVICE_ENV["VERL_ENGINE_DEVICE"]
+
+
+def test_contract_resource_check_counts_only_gpus(monkeypatch):
+    import ray._private.state
+    from verl.single_controller.ray.base import ResourcePoolManager
+
+    manager = ResourcePoolManager(resource_pool_spec={"global_pool": [1]}, mapping={})
+    monkeypatch.setattr(ray._private.state, "available_resources_per_node", lambda: {"n": {"CPU": 64.0}})
+    with pytest.raises(ValueError, match="Total available GPUs 0"):
+        manager._check_resource_available()
+    monkeypatch.setattr(ray._private.state, "available_resources_per_node", lambda: {"n": {"CPU": 16.0, "GPU": 1.0}})
+    manager._check_resource_available()  # logical GPUs satisfy it
+    assert f"{verl_private.RAY_LOGICAL_GPU_KEY}=1" in launch.cpu_overrides()
+
+
+def test_contract_rollout_registry_resolves_hf_adapter_after_plain_import_verl():
+    import verl  # noqa: F401  (loads the verl.plugins entry point)
+    from verl.workers.rollout.base import _ROLLOUT_REGISTRY, get_rollout_class
+    from verl.workers.rollout.replica import get_rollout_replica_class
+
+    assert ("hf", "async") in _ROLLOUT_REGISTRY
+    assert get_rollout_class("hf", "async").__name__ == "HFServerAdapter"
+    assert get_rollout_replica_class("hf").__name__ == "HFReplica"
+
+
+def test_contract_llm_server_manager_reads_private_server_attributes():
+    from verl.workers.rollout.llm_server import LLMServerManager
+    from verl.workers.rollout.replica import RolloutReplica
+
+    source = inspect.getsource(LLMServerManager)
+    assert "server._server_handle" in source and "server._server_address" in source
+
+    class _Replica:
+        server_handle = RolloutReplica.server_handle
+        server_address = RolloutReplica.server_address
+
+    replica = _Replica()
+    verl_private.publish_server(replica, "HANDLE", "1.2.3.4:0")
+    assert (replica.server_handle, replica.server_address, replica.servers) == ("HANDLE", "1.2.3.4:0", ["HANDLE"])
+
+
+def test_gloo_fix_rewrites_only_the_duplicate_cpu_backend():
+    assert verl_private._collapse_duplicate_backends("cpu:gloo,cpu:gloo") == "gloo"
+    for other in ("nccl", "cpu:gloo,cuda:nccl", None, "gloo"):
+        assert verl_private._collapse_duplicate_backends(other) == other
+
+
+# ---------------- hf generation engine (no Ray) ----------------
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tiny_model_dir()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return hf_generate.HFGenerator(model, tok, {tok.eos_token_id}, seed=0)
+
+
+def _prompt(engine):
+    return engine.tokenizer("<|im_start|>user\nHow are you?<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
+
+
+def test_greedy_generation_matches_transformers_generate(engine):
+    ids = _prompt(engine)
+    s = hf_generate.parse_sampling({"temperature": 0.0, "max_tokens": 12, "ignore_eos": True}, 16, 100)
+    ours = engine.generate(ids, s).token_ids
+    x = torch.tensor([ids])
+    ref = engine.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, min_new_tokens=12,
+                                do_sample=False)[0, len(ids):].tolist()
+    assert ours == ref
+
+
+def test_logprobs_equal_a_full_forward_at_the_sampling_temperature(engine):
+    ids = _prompt(engine)
+    s = hf_generate.parse_sampling({"temperature": 0.7, "top_k": 50, "max_tokens": 10, "logprobs": True}, 16, 100)
+    out = engine.generate(ids, s)
+    assert len(out.log_probs) == len(out.token_ids) >= 1
+    with torch.no_grad():
+        logits = engine.model(torch.tensor([ids + out.token_ids])).logits[0, len(ids) - 1 : -1] / 0.7
+    ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(out.token_ids)[:, None]).squeeze(-1)
+    assert torch.allclose(torch.tensor(out.log_probs), ref, atol=1e-4)
+
+
+def test_no_logprobs_unless_asked(engine):
+    s = hf_generate.parse_sampling({"max_tokens": 3, "logprobs": False}, 16, 100)
+    assert engine.generate(_prompt(engine), s).log_probs is None
+    assert hf_generate.parse_sampling({"logprobs": 0}, 16, 100).logprobs  # vLLM's "sampled token only"
+
+
+def test_stop_token_ids_and_max_tokens_end_generation(engine):
+    ids = _prompt(engine)
+    free = engine.generate(ids, hf_generate.parse_sampling({"temperature": 0, "max_tokens": 8, "ignore_eos": True}, 16, 100))
+    assert len(free.token_ids) == 8
+    stop_at = free.token_ids[3]
+    first = free.token_ids.index(stop_at)
+    s = hf_generate.parse_sampling({"temperature": 0, "max_tokens": 8, "stop_token_ids": [stop_at], "ignore_eos": True},
+                                   16, 100)
+    assert engine.generate(ids, s).token_ids == free.token_ids[: first + 1]
+
+
+def test_stop_string_ends_generation_at_the_token_completing_it(engine):
+    ids = _prompt(engine)
+    free = engine.generate(ids, hf_generate.parse_sampling({"temperature": 0, "max_tokens": 8, "ignore_eos": True}, 16, 100))
+    stop = engine.tokenizer.decode(free.token_ids[2:4])
+    out = engine.generate(ids, hf_generate.parse_sampling(
+        {"temperature": 0, "max_tokens": 8, "stop": [stop], "ignore_eos": True}, 16, 100))
+    assert stop in engine.tokenizer.decode(out.token_ids) and len(out.token_ids) <= 4
+
+
+def test_max_tokens_is_clamped_to_the_context_room():
+    assert hf_generate.parse_sampling({"max_tokens": 500}, 16, 20).max_tokens == 20
+    assert hf_generate.parse_sampling({}, 16, 20).max_tokens == 16
+    assert hf_generate.parse_sampling({"max_new_tokens": 0}, 16, 20).max_tokens == 16
+
+
+def test_top_k_one_is_greedy_and_top_p_keeps_the_crossing_token():
+    logits = torch.tensor([1.0, 3.0, 2.0, 0.0])
+    kept = torch.isfinite(hf_generate.truncate_top_k_top_p(logits, top_k=1, top_p=1.0))
+    assert kept.tolist() == [False, True, False, False]
+    probs = torch.softmax(logits, -1)  # sorted: 0.64, 0.24, 0.09, 0.03
+    kept = torch.isfinite(hf_generate.truncate_top_k_top_p(logits, top_k=-1, top_p=0.7))
+    assert kept.tolist() == [False, True, True, False] and probs[1] < 0.7
+
+
+def test_sampling_is_seeded_and_follows_temperature(engine):
+    ids = _prompt(engine)
+    s = hf_generate.parse_sampling({"temperature": 1.0, "max_tokens": 6}, 16, 100)
+    engine.generator.manual_seed(1)
+    a = engine.generate(ids, s).token_ids
+    engine.generator.manual_seed(1)
+    assert engine.generate(ids, s).token_ids == a
+
+
+def test_weight_load_counts_every_tensor_and_changes_generation(engine):
+    state = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    ids = _prompt(engine)
+    greedy = hf_generate.parse_sampling({"temperature": 0, "max_tokens": 6, "ignore_eos": True}, 16, 100)
+    before = engine.generate(ids, greedy).token_ids
+    perturbed = [(k, v + 0.5 * torch.randn_like(v)) for k, v in state.items()]
+    stats = engine.load_weights(perturbed)
+    assert stats["loaded"] == stats["received"] == stats["model_tensors"] == len(state)
+    assert stats["missing"] == stats["unexpected"] == stats["mismatched"] == 0
+    assert engine.generate(ids, greedy).token_ids != before
+    dropped = "model.layers.0.mlp.up_proj.weight"  # not tied to anything
+    stats = engine.load_weights([(k, v) for k, v in state.items() if k != dropped] + [("bogus.weight", torch.zeros(1))])
+    assert (stats["missing"], stats["unexpected"]) == (1, 1)
+    engine.load_weights(list(state.items()))  # restore
+    assert engine.generate(ids, greedy).token_ids == before
+
+
+def test_weight_load_reports_shape_mismatch_without_loading(engine):
+    name, tensor = next(iter(engine.model.state_dict().items()))
+    stats = engine.load_weights([(name, torch.zeros(tensor.numel() + 1))])
+    assert stats["mismatched"] == 1 and stats["loaded"] == 0 and math.isfinite(float(tensor.float().sum()))
+
+
+# ---------------- hf rollout server body (no Ray) ----------------
+
+
+@pytest.fixture(scope="module")
+def server():
+    from verl.workers.config import HFModelConfig, RolloutConfig
+
+    from selfemo_verl.cpu.hf_rollout import HFRolloutServerImpl
+
+    # the replica hands the server verl's dataclasses (RolloutReplica.__init__ converts the rollout config)
+    rollout = RolloutConfig(name="hf", prompt_length=64, response_length=8)
+    return HFRolloutServerImpl(config=rollout, model_config=HFModelConfig(path=str(tiny_model_dir())))
+
+
+async def test_server_generate_accepts_verls_call_and_returns_token_output(server):
+    from verl.workers.rollout.replica import TokenOutput
+
+    ids = server.engine.tokenizer("<|im_start|>user\nhi<|im_end|>\n")["input_ids"]
+    # the keyword arguments verl 0.9.1's LLMServerClient.generate passes
+    out = await server.generate(request_id="r1", prompt_ids=ids, sampling_params={"temperature": 1.0, "top_p": 1.0,
+                                "top_k": -1, "repetition_penalty": 1.0, "logprobs": True}, image_data=None,
+                                video_data=None)
+    assert isinstance(out, TokenOutput) and 1 <= len(out.token_ids) <= 8  # default: response_length
+    assert len(out.log_probs) == len(out.token_ids) and out.stop_reason == "completed"
+    assert "global_steps" in out.extra_fields
+
+
+async def test_server_update_weights_records_and_logs_sync_stats(server, tmp_path, monkeypatch):
+    log = tmp_path / "sync.jsonl"
+    monkeypatch.setenv("SELFEMO_HF_SYNC_LOG", str(log))
+    named = list(server.engine.model.state_dict().items())
+    stats = await server.update_weights(named, global_steps=3)
+    assert stats["loaded"] == len(named) and stats["missing"] == 0 and stats["global_steps"] == 3
+    assert server.weight_sync_stats()[-1] == stats
+    assert json.loads(log.read_text().splitlines()[-1])["loaded"] == len(named)
+
+
+async def test_server_counts_a_sync_sent_in_several_buckets_once(server):
+    from selfemo_verl.cpu.hf_rollout import buckets
+
+    named = list(server.engine.model.state_dict().items())
+    parts = list(buckets(named, max_bytes=64 << 10))
+    assert len(parts) > 2 and [pair for part in parts for pair in part] == named  # order kept, nothing dropped
+    await server.begin_weight_sync()
+    for part in parts:
+        await server.load_weight_bucket(part)
+    stats = await server.finish_weight_sync(global_steps=4)
+    assert stats["loaded"] == stats["model_tensors"] == len(named) and stats["missing"] == 0
+
+
+def test_buckets_never_split_a_tensor_and_respect_the_size():
+    from selfemo_verl.cpu.hf_rollout import buckets
+
+    pairs = [("a", torch.zeros(10)), ("big", torch.zeros(100)), ("b", torch.zeros(10)), ("c", torch.zeros(10))]
+    assert [[n for n, _ in b] for b in buckets(pairs, max_bytes=80)] == [["a"], ["big"], ["b", "c"]]
+
+
+async def test_server_abort_returns_aborted_until_resumed(server):
+    ids = server.engine.tokenizer("hi")["input_ids"]
+    await server.abort_all_requests()
+    out = await server.generate(prompt_ids=ids, sampling_params={"max_tokens": 4}, request_id="r2")
+    assert out.stop_reason == "aborted" and out.token_ids == []
+    await server.resume_generation()
+    out = await server.generate(prompt_ids=ids, sampling_params={"max_tokens": 4, "ignore_eos": True}, request_id="r3")
+    assert out.stop_reason == "completed" and len(out.token_ids) == 4
+
+
+# ---------------- launch helper ----------------
+
+
+def test_launch_overrides_compose_with_verls_ppo_trainer_config():
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("verl.trainer.config", version_base=None):
+        cfg = compose("ppo_trainer", overrides=launch.cpu_overrides())
+    assert cfg.trainer.device == "cpu" and cfg.actor_rollout_ref.rollout.name == "hf"
+    assert cfg.ray_kwargs.ray_init.num_gpus == cfg.trainer.n_gpus_per_node == 1
+    assert cfg.transfer_queue.backend.SimpleStorage.num_data_storage_units == 1
+
+
+def test_launch_cli_prints_env_and_overrides_and_rejects_bad_usage():
+    run = lambda *a: subprocess.run([sys.executable, "-m", "selfemo_verl.cpu.launch", *a], capture_output=True, text=True)
+    assert "export VERL_PLATFORM=cpu" in run("env").stdout.splitlines()
+    assert run("overrides").stdout.splitlines() == launch.cpu_overrides()
+    assert run("bogus").returncode == 2
