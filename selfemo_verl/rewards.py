@@ -307,3 +307,24 @@ def group_consistency_from_masks(masks, group_ids, n_labels: int, eps: float = E
     inter = (bits & m).sum(axis=1) + eps
     union = (bits | m).sum(axis=1) + eps
     return np.divide(inter, union, out=np.ones(len(bits)), where=union != 0)
+
+
+def component_means(infos) -> dict[str, float]:
+    """Step means of the reward terms of `compute_score` dicts, for logging.
+
+    r_con / r_und are averaged only over episodes where the term exists (has_con / has_und = 1); a term that
+    exists nowhere in the step is left out rather than logged as 0.
+
+    >>> component_means([{"r_rec": 1.0, "r_con": 0.5, "has_con": 1.0, "r_und": 0.0, "has_und": 0.0, "parse_ok": 1.0},
+    ...                  {"r_rec": 0.0, "r_con": 0.0, "has_con": 0.0, "r_und": 0.0, "has_und": 0.0, "parse_ok": 0.0}])
+    {'r_rec': 0.5, 'parse_ok': 0.5, 'r_con': 0.5}
+    """
+    infos = [info for info in infos if isinstance(info, dict)]
+    if not infos:
+        return {}
+    out = {name: float(np.mean([float(info.get(name, 0.0)) for info in infos])) for name in ("r_rec", "parse_ok")}
+    for name, flag in (("r_con", "has_con"), ("r_und", "has_und")):
+        present = [float(info.get(name, 0.0)) for info in infos if info.get(flag) == 1.0]
+        if present:
+            out[name] = float(np.mean(present))
+    return out

@@ -48,7 +48,7 @@ from selfemo_verl.episodes import records_from_columns, write_step
 from selfemo_verl.estimator import ConsistencyFeed, consistency_feed
 from selfemo_verl.evaluate import metrics_by_source
 from selfemo_verl.labels import LABEL_SPACES
-from selfemo_verl.rewards import group_consistency_from_masks
+from selfemo_verl.rewards import component_means, group_consistency_from_masks
 
 N_LABELS = max(len(labels) for labels in LABEL_SPACES.values())
 METRIC_PREFIX = "selfemo/"
@@ -85,6 +85,13 @@ def dump_episodes(dump_dir, step: int, tags, rows) -> None:
         {name: [info.get(name) for info in infos] for name in _DUMP_REWARDS},
     )
     write_step(dump_dir, step, records)
+
+
+def reward_metrics(tags, rows) -> dict[str, float]:
+    """`selfemo/r_rec`, `selfemo/r_con`, `selfemo/r_und`, `selfemo/parse_ok`: step means over real episodes."""
+    extra = list(rows["extra_fields"])
+    infos = [extra[i].get("reward_extra_info") for i, tag in enumerate(tags) if not tag.get("is_padding", False)]
+    return {METRIC_PREFIX + name: value for name, value in component_means(infos).items()}
 
 
 def pred_masks(keys, extra_fields, valid) -> np.ndarray:
@@ -139,6 +146,7 @@ class SelfEmoTrainer(PPOTrainerSync):
         rows = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         if dump.enable:
             dump_episodes(dump.dir, self.global_steps, batch.tags, rows)
+        metrics.update(reward_metrics(batch.tags, rows))
         if not self_grpo:
             return super()._compute_advantage(batch, metrics)
         feed = consistency_feed_for(batch.keys, batch.tags, rows, eps=self.config.selfemo.reward.eps)

@@ -99,9 +99,10 @@ def test_selfemo_smoke_computes_group_consistency(smoke_run):
 
 def test_selfemo_smoke_logs_finite_reward_components(smoke_run):
     _, steps, _ = smoke_run
-    keys = sorted(k for k in steps[0]["data"] if any(c in k for c in ("r_rec", "r_con", "r_und")))
-    if not keys:
-        pytest.skip("the trainer does not log the reward components (r_rec, r_con, r_und) as step metrics yet: "
-                    f"none among {len(steps[0]['data'])} keys of metrics.jsonl")
+    # r_und exists only for episodes whose target has a real next turn (most MELD rows, not all)
+    assert any("selfemo/r_und" in s["data"] for s in steps)
+    for s in steps:
+        assert all(math.isfinite(v) for k, v in s["data"].items() if k == "selfemo/r_und")
+    keys = ["selfemo/r_rec", "selfemo/r_con", "selfemo/parse_ok"]
     for s in steps:
         assert all(math.isfinite(s["data"][k]) for k in keys)

@@ -114,6 +114,7 @@ def test_advantage_step_uses_group_consensus_not_per_sample_scores(config, store
     assert metrics["selfemo/zero_std_groups"] == 1.0  # group B; the padding group is not counted
     assert metrics["selfemo/consistency_mean"] == pytest.approx(float(c.mean()))
     assert metrics["selfemo/adv_clip_frac"] == 0.0
+    assert metrics["selfemo/r_rec"] == pytest.approx(float(np.mean([compute_score("selfemo/meld", f"<emotion>{p}</emotion>", g)["r_rec"] for g in GROUPS.values() for p in PREDS])))
     assert fake.rows[("train", "padXYZ_0_0")]["advantages"].abs().sum() == 0
 
 
