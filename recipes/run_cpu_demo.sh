@@ -3,13 +3,13 @@
 # The real verl 0.9.1 trainer (python -m selfemo_verl.main, SELF-GRPO, self-play agent loop) trains STEPS steps on
 # MELD through the CPU backend; verl's validation scores a fixed MELD-dev subset before and after training
 # (recognize-only, greedy). Prints a before/after table (accuracy, weighted-F1, parse failures, mean reward) and
-# saves $OUT_DIR/reward_curve.png. Budget: about 15 minutes on 2 cores. Numbers are whatever the run gives.
+# saves $OUT_DIR/reward_curve.png. Budget: about 15 minutes on 2 cores (measured 15 min 2 s). Numbers are whatever the run gives.
 # Usage: bash recipes/run_cpu_demo.sh [extra hydra overrides...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
-STEPS=${STEPS:-5}                 # training steps (4 prompts x 4 episodes each)
+STEPS=${STEPS:-8}                 # training steps (4 prompts x 4 episodes each)
 N_DEV=${N_DEV:-48}                # MELD-dev rows scored before and after (fixed: data.seed)
 OUT_DIR=${OUT_DIR:-outputs/cpu_demo}
 MODEL_PATH=${MODEL_PATH:-$($PYTHON -c "from selfemo_verl.cpu.assets import smollm2_dir; print(smollm2_dir())")}
@@ -24,7 +24,7 @@ EVAL=(
 # ---------------- episodes: GRPO groups of 4, short answers ----------------
 EPISODES=(
   actor_rollout_ref.rollout.n=4
-  actor_rollout_ref.actor.optim.lr=1e-5
+  actor_rollout_ref.actor.optim.lr=1e-4
   selfemo.agent.max_tokens.recognize=24
   selfemo.agent.max_tokens.respond=48
   selfemo.agent.max_tokens.judge=24
