@@ -175,15 +175,15 @@ class SelfPlayAgentLoop(AgentLoopBase):
     async def _judge(self, ep: Episode, turn: SelfPlayTurn, window: list, label_space: str, sampling_params) -> None:
         """k blind judge samples on their own prompt and request ids; their tokens never enter the sequence."""
         if turn.reply_status != "ok":
-            turn.read_judge([None], label_space)  # nothing to judge: the responder wrote no reply
-            return
+            return  # nothing to judge: the responder wrote no reply (judged_status stays "missing")
         prompt = await self.ct_build_initial_tokens(judge_messages(window, turn.speaker, turn.reply, label_space))
         params = dict(self._params(sampling_params, "judge", self.knobs.max_tokens["judge"]), logprobs=False)
         base = uuid4().hex
         calls = [self._generate(ep, f"{base}-judge{i}", prompt, params, trained=False)
                  for i in range(self.knobs.judge_samples)]
         outs = await asyncio.gather(*calls)
-        turn.read_judge([self._decode(out[0]) if out is not None and out[0] else None for out, _ in outs], label_space)
+        # None = the server returned nothing (infrastructure); an empty generation is the model's answer ("empty")
+        turn.read_judge([self._decode(out[0]) if out is not None else None for out, _ in outs], label_space)
 
     async def _trained_turn(self, ep: Episode, role: str, sampling_params) -> str | None:
         """Generate one trained answer on the episode's token state (mask 1); its decoded text, or None."""

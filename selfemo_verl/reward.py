@@ -23,7 +23,8 @@ concatenated response text). The contract for that dict (every key optional; mis
                                               #   "missing" -> r_con scores r_invalid for that turn
         "reply_speaker":   "Ross",            # who the responder spoke as (flywheel; not scored here)
         "judged":          ["joy"],           # P-hat_{t+1}: blind judge's (majority) labels for the reply
-        "judged_status":   "ok",
+        "judged_status":   "ok",              # or "judge_error": the judge server never answered -> r_con
+                                              #   leaves that turn out (not the policy's fault)
         "judge_agreement": 1.0,               # share of judge samples equal to the majority set (flywheel)
         "later_turns":     [ {the same stated ... judge_agreement keys}, ... ],
                                               # turns 2..T when self_play_turns > 1 (default [])

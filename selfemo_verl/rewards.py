@@ -162,6 +162,9 @@ def is_ok(status) -> bool:
     return isinstance(status, str) and status == "ok"
 
 
+JUDGE_ERROR = "judge_error"  # the agent loop's status for a judge that never answered (infrastructure failure)
+
+
 def score_episode(
     pred, pred_status, gold, label_space: str | None = None, turns=(), next_gold=None, r_invalid: float = R_INVALID,
     eps: float = EPS, beta: float = BETA, sigma: float = SIGMA,
@@ -175,22 +178,26 @@ def score_episode(
         score = episode_reward(r_rec, r_con, r_und)
 
     `turns`: (stated, stated_status, judged, judged_status) per self-play turn. A term whose input has a parse
-    status other than "ok" scores r_invalid (for r_con: the stated or the judged status). Returns floats
+    status other than "ok" scores r_invalid (for r_con: the stated or the judged status), except a turn whose
+    judge never answered at the server (judged_status "judge_error"), which r_con leaves out. Returns floats
     score, r_rec, r_con, r_und (0.0 when absent) and has_con, has_und (1.0 / 0.0).
     Assumption: treating a judge parse failure like a responder failure (r_invalid) is ours.
 
     >>> s = score_episode({"joy"}, "ok", {"joy"}, turns=[({"anger"}, "ok", {"fear"}, "ok")], next_gold={"anger"})
     >>> round(s["score"], 3), round(s["r_con"], 3), s["r_und"], s["has_und"]
     (1.274, 0.048, 1.0, 1.0)
+    >>> s = score_episode({"joy"}, "ok", {"joy"}, turns=[({"anger"}, "ok", set(), "judge_error")], next_gold={"anger"})
+    >>> s["has_con"], s["r_und"]      # the judge server failed: no r_con, r_und still scored
+    (0.0, 1.0)
     """
     bad = float(r_invalid)
     r_rec = smoothed_iou(pred, gold, label_space, eps, beta, sigma) if is_ok(pred_status) else bad
     r_con = r_und = None
+    judged_turns = [t for t in turns if not (isinstance(t[3], str) and t[3] == JUDGE_ERROR)]
+    if judged_turns:
+        r_con = sum(smoothed_iou(judged, stated, label_space, eps, beta, sigma) if is_ok(st) and is_ok(js) else bad
+                    for stated, st, judged, js in judged_turns) / len(judged_turns)
     if turns:
-        total = 0.0
-        for stated, st, judged, js in turns:
-            total += smoothed_iou(judged, stated, label_space, eps, beta, sigma) if is_ok(st) and is_ok(js) else bad
-        r_con = total / len(turns)
         nxt = as_label_set(next_gold)
         if nxt:
             stated, st = turns[0][0], turns[0][1]

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from selfemo_verl.labels import parse_emotions
 from selfemo_verl.prompts import parse_reply
+from selfemo_verl.rewards import JUDGE_ERROR  # every judge sample failed at the server: r_con skips the turn
 
 FALLBACK_SPEAKER = "Listener"  # the responder's name when the row names no next speaker and no other speaker spoke
 MISSING = "missing"  # status of a step whose answer never came (server error, empty generation, no reply to judge)
@@ -110,7 +111,13 @@ class SelfPlayTurn:
         self.reply, self.reply_status = parse_reply(text)
 
     def read_judge(self, texts: list, label_space: str) -> None:
-        """Majority-vote the judge samples' answers (`None` entries: samples that never came)."""
+        """Majority-vote the judge samples' answers (`None` entries: samples the server never returned).
+
+        When no sample came back at all the turn is JUDGE_ERROR: an infrastructure failure, not the policy's.
+        """
+        if texts and all(t is None for t in texts):
+            self.judged, self.judged_status, self.judge_agreement = frozenset(), JUDGE_ERROR, 0.0
+            return
         answers = [parse_emotions(t, label_space) if t is not None else (frozenset(), MISSING) for t in texts]
         self.judged, self.judged_status, self.judge_agreement = majority_vote(answers)
 

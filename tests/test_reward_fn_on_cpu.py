@@ -231,3 +231,15 @@ def test_gold_mask_carries_the_gold_labels_for_corpus_metrics():
     assert mask_to_labels(result["gold_mask"], "meld") == {"joy"}
     assert mask_to_labels(result["pred_mask"], "meld") == {"anger"}
     assert compute_score("unknown/source", "<emotion>joy</emotion>", ["joy"])["gold_mask"] == 0
+
+
+def test_judge_server_failure_is_left_out_of_r_con_but_an_unjudged_reply_is_penalised():
+    base = {"pred": ["joy"], "pred_status": "ok", "stated": ["anger"], "stated_status": "ok", "judged": []}
+    # reason: the judge server never answered: not the policy's fault, no r_con; r_und still scored
+    infra = compute_score("selfemo/meld", "", ["joy"], {"selfemo": {**base, "judged_status": "judge_error"},
+                                                        "next_gold": ["anger"]})
+    assert (infra["has_con"], infra["r_und"], infra["score"]) == (0.0, 1.0, 1.25)
+    # reason: the responder wrote no parsable reply, so nothing was judged: r_con = r_invalid
+    model = compute_score("selfemo/meld", "", ["joy"], {"selfemo": {**base, "judged_status": "missing"},
+                                                        "next_gold": ["anger"]}, r_invalid=0.0)
+    assert (model["has_con"], model["r_con"]) == (1.0, 0.0)

@@ -60,8 +60,7 @@ def test_turn_without_reply_is_judged_missing_and_record_keeps_turn_order():
     first, second = SelfPlayTurn("Ross"), SelfPlayTurn("Rachel")
     first.read_answer("<emotion>joy</emotion><reply>Yes!</reply>", "meld")
     first.read_judge(["<emotion>joy</emotion>", None], "meld")
-    second.read_answer("<emotion>anger</emotion> no reply tag", "meld")
-    second.read_judge([None], "meld")
+    second.read_answer("<emotion>anger</emotion> no reply tag", "meld")  # no reply: the loop judges nothing
     rec = SelfPlayRecord("meld", "self_play", "<emotion>joy</emotion>", [first, second]).as_fields()
     assert (rec["judged"], rec["judge_agreement"]) == (["joy"], 0.5)
     assert rec["later_turns"][0]["reply_status"] == "no_tag"
@@ -80,3 +79,15 @@ def test_parsing_untrusted_answers_never_raises(text):
     turn.read_judge([text, text], "meld")
     fields = turn.as_fields()
     assert set(fields["stated"]) <= set(LABEL_SPACES["meld"]) and 0.0 <= fields["judge_agreement"] <= 1.0
+
+
+def test_a_judge_that_never_answered_is_an_infrastructure_status_not_a_parse_failure():
+    from selfemo_verl.selfplay import SelfPlayTurn
+
+    turn = SelfPlayTurn("Ross")
+    turn.read_judge([None, None], "meld")
+    assert turn.judged_status == "judge_error"
+    turn.read_judge([None, "<emotion>joy</emotion>"], "meld")  # reason: one sample came back and it counts
+    assert (turn.judged_status, sorted(turn.judged), turn.judge_agreement) == ("ok", ["joy"], 0.5)
+    turn.read_judge([""], "meld")  # reason: an empty generation is the model's answer
+    assert turn.judged_status == "empty"
