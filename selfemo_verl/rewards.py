@@ -181,7 +181,8 @@ def score_episode(
     status other than "ok" scores r_invalid (for r_con: the stated or the judged status), except a turn whose
     judge never answered at the server (judged_status "judge_error"), which r_con leaves out. Returns floats
     score, r_rec, r_con, r_und (0.0 when absent) and has_con, has_und (1.0 / 0.0).
-    Assumption: treating a judge parse failure like a responder failure (r_invalid) is ours.
+    Assumption: treating a judge parse failure like a responder failure (r_invalid), and leaving a judge server
+    failure ("judge_error") out of r_con, are ours.
 
     >>> s = score_episode({"joy"}, "ok", {"joy"}, turns=[({"anger"}, "ok", {"fear"}, "ok")], next_gold={"anger"})
     >>> round(s["score"], 3), round(s["r_con"], 3), s["r_und"], s["has_und"]
