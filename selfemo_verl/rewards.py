@@ -72,14 +72,14 @@ def _similarity(label_space: str, sigma: float) -> dict[str, dict[str, float]]:
 
 
 @lru_cache(maxsize=4096)
-def _soft_gold(gold: frozenset, label_space: str, beta: float, sigma: float) -> tuple[dict[str, float], float]:
-    """(g, sum_k g_k): g_k = max(1_G(k), beta * max_{j in G} S_jk) for k in L, 1.0 for gold outside L. Cached."""
+def _soft_gold(gold: frozenset, label_space: str, beta: float, sigma: float) -> dict[str, float]:
+    """g_k = max(1_G(k), beta * max_{j in G} S_jk) for k in L, 1.0 for gold outside L. Cached."""
     sim = _similarity(label_space, float(sigma))
     known = [sim[j] for j in gold if j in sim]
     soft = {k: beta * max((row[k] for row in known), default=0.0) for k in LABEL_SPACES[label_space]}
     for j in gold:
         soft[j] = 1.0
-    return soft, sum(soft.values())
+    return soft
 
 
 def _check_knobs(label_space, eps: float, beta: float, sigma: float) -> None:
@@ -100,15 +100,15 @@ def smoothed_iou(
 ) -> float:
     """Smoothed multi-label IoU between a predicted set P and a gold set G (DESIGN §3.1).
 
-        sIoU(P, G) = (sum_k min(p_k, g_k) + eps) / (sum_k max(p_k, g_k) + eps),   p = 1_P
+        sIoU(P, G) = (sum_{k in P|G} min(p_k, g_k) + eps) / (|P | G| + eps),   p = 1_P
         g_k = max(1_G(k), beta * max_{j in G} S_jk),   S_jk = exp(-||va_j - va_k||^2 / (2 sigma^2))
 
-    k runs over L (the label space) and every label in P or G. With beta = 0 (default) g = 1_G and this is
-    (|P & G| + eps) / (|P | G| + eps). Labels outside L count as wrong predictions (they are never in S).
-    The value lies in [0, 1]; with eps > 0 it is > 0. 0/0 (eps = 0, P = G = {}) is defined as 1.0.
-    With beta > 0 the soft gold mass on unpredicted neighbours stays in the denominator, so an exact hit
-    scores below 1 (e.g. IEMOCAP {happy}/{happy} at beta 0.3 ~ 0.79): compare scores within one setting and
-    use beta = 0 wherever a threshold such as "sIoU = 1" is meant.
+    Both sums run over P | G only (soft gold mass on labels neither side names is not counted), so the
+    numerator is |P & G| + sum_{k in P - G} g_k and the denominator the plain union: an exact prediction scores
+    exactly 1 for every beta, a wrong label earns at most beta * S of a hit, and the value lies in [0, 1]
+    (> 0 with eps > 0). With beta = 0 (default) this is (|P & G| + eps) / (|P | G| + eps). Labels outside L
+    count as wrong predictions (they are never in S). 0/0 (eps = 0, P = G = {}) is defined as 1.0.
+    Thresholds on sIoU (flywheel) use beta = 0, so their meaning does not change with beta.
     Assumption: the paper gives no formula; additive eps smoothing and the valence-arousal neighbourhood
     (labels.VALENCE_AROUSAL, hand-placed on Russell's circumplex) are ours.
 
@@ -116,20 +116,18 @@ def smoothed_iou(
     (1.0, 0.524)
     >>> round(smoothed_iou({"anger"}, {"joy"}), 3), round(smoothed_iou(set(), {"joy"}), 3)
     (0.048, 0.091)
+    >>> [round(smoothed_iou({p}, {"disgust"}, "meld", beta=0.3), 3) for p in ("disgust", "anger", "joy")]
+    [1.0, 0.133, 0.049]
     """
     p, g = as_label_set(pred), as_label_set(gold)
     if beta == 0 and eps > 0:  # hot path: plain set IoU
         inter = len(p & g)
         return (inter + eps) / (len(p) + len(g) - inter + eps)
     _check_knobs(label_space, eps, beta, sigma)
-    if beta > 0:
-        soft, mass = _soft_gold(g, label_space, beta, sigma)
-        inter = sum(soft.get(k, 0.0) for k in p)
-        union = mass + len(p) - inter
-    else:
-        inter, union = len(p & g), len(p | g)
-    den = union + eps
-    return 1.0 if den == 0 else (inter + eps) / den
+    hits = len(p & g)
+    soft = sum(_soft_gold(g, label_space, beta, sigma).get(k, 0.0) for k in p - g) if beta > 0 else 0.0
+    den = len(p) + len(g) - hits + eps
+    return 1.0 if den == 0 else (hits + soft + eps) / den
 
 
 def episode_reward(
@@ -268,18 +266,23 @@ def consensus(label_sets, label_space: str | None = None) -> frozenset:
     return frozenset(lab for lab, c in counts.items() if c == top)
 
 
-def group_consistency(label_sets, label_space: str | None = None, eps: float = EPS) -> list[float]:
-    """Per-episode agreement with the group consensus (DESIGN §3.3): c_i = sIoU(P_i, M), M = consensus(P_1..P_n).
+def group_consistency(label_sets, voters, label_space: str | None = None, eps: float = EPS) -> list[float]:
+    """Per-episode agreement with the group consensus (DESIGN §3.3): c_i = sIoU(P_i, M) for voters, else 0.
 
-    All sets empty (e.g. every episode failed to parse): M = {} and every c_i = sIoU({}, {}) = 1.0. That is a
-    constant within the group, so it moves no SELF-GRPO advantage; it keeps the formula uniform (no special case).
+    M = consensus of the voters' sets only. `voters[i]` is true when episode i's recognizer answer parsed and
+    its episode had no infrastructure failure; a non-voter gets c_i = 0, so a format failure (whose empty set
+    would otherwise score sIoU({}, M) ~ 0.09) never earns more consistency than a parsed wrong label (~ 0.05).
     Assumption: the paper says "group-level consistency term" only; majority-vote consensus is ours.
 
-    >>> [round(c, 3) for c in group_consistency([{"joy"}, {"joy"}, {"anger"}])]
-    [1.0, 1.0, 0.048]
+    >>> [round(c, 3) for c in group_consistency([{"joy"}, {"joy"}, {"anger"}, set()], [1, 1, 1, 0])]
+    [1.0, 1.0, 0.048, 0.0]
     """
-    m = consensus(label_sets, label_space)
-    return [smoothed_iou(s, m, eps=eps) for s in label_sets]
+    sets = [as_label_set(s) for s in label_sets]
+    flags = [bool(v) for v in voters]
+    if len(flags) != len(sets):
+        raise ValueError(f"voters has {len(flags)} entries for {len(sets)} label sets")
+    m = consensus([s for s, ok in zip(sets, flags) if ok], label_space)
+    return [smoothed_iou(s, m, eps=eps) if ok else 0.0 for s, ok in zip(sets, flags)]
 
 
 def _mask_bits(masks: np.ndarray, n_labels: int) -> np.ndarray:
@@ -289,32 +292,38 @@ def _mask_bits(masks: np.ndarray, n_labels: int) -> np.ndarray:
     return ((m[:, None] >> np.arange(n_labels, dtype=np.int64)[None, :]) & 1).astype(bool)
 
 
-def group_consistency_from_masks(masks, group_ids, n_labels: int, eps: float = EPS) -> np.ndarray:
+def group_consistency_from_masks(masks, voters, group_ids, n_labels: int, eps: float = EPS) -> np.ndarray:
     """Vectorised group_consistency over a whole batch of bitmasks, grouped by `group_ids` (e.g. verl uids).
 
-    masks (N,) int, group_ids (N,) any comparable values, returns (N,) float64 c_i; equals group_consistency
-    on each group's mask_to_labels sets (same eps, votes restricted to the n_labels bits). No loop over groups.
+    masks (N,) int, voters (N,) bool, group_ids (N,) any comparable values; returns (N,) float64 c_i, equal to
+    group_consistency on each group's mask_to_labels sets (same eps, votes restricted to the n_labels bits):
+    only voters vote, non-voters get 0. No loop over groups.
 
-    >>> group_consistency_from_masks(np.array([1, 1, 2, 4]), np.array(["a", "a", "a", "b"]), 3).round(3)
-    array([1.   , 1.   , 0.048, 1.   ])
+    >>> group_consistency_from_masks(np.array([1, 1, 2, 0, 4]), np.array([1, 1, 1, 0, 1]),
+    ...                              np.array(["a", "a", "a", "a", "b"]), 3).round(3)
+    array([1.   , 1.   , 0.048, 0.   , 1.   ])
     """
     if not 0 < n_labels <= 62:
         raise ValueError(f"n_labels must be in 1..62, got {n_labels!r}")
     bits = _mask_bits(masks, n_labels)
+    vote = np.asarray(voters, dtype=bool).reshape(-1)
+    if vote.shape != (len(bits),):
+        raise ValueError(f"voters has shape {vote.shape} for {len(bits)} masks")
     _, inv = np.unique(np.asarray(group_ids), return_inverse=True)
     inv = inv.reshape(-1)
     n_groups = int(inv.max()) + 1 if inv.size else 0
     counts = np.zeros((n_groups, n_labels), dtype=np.int64)
-    np.add.at(counts, inv, bits.astype(np.int64))
-    sizes = np.bincount(inv, minlength=n_groups)
-    cons = 2 * counts >= sizes[:, None]
+    np.add.at(counts, inv[vote], bits[vote].astype(np.int64))
+    sizes = np.bincount(inv[vote], minlength=n_groups)
+    cons = (2 * counts >= sizes[:, None]) & (sizes[:, None] > 0)
     top = counts.max(axis=1, initial=0)
     fallback = (counts == top[:, None]) & (counts > 0)
     cons = np.where(cons.any(axis=1)[:, None], cons, fallback)
     m = cons[inv]
     inter = (bits & m).sum(axis=1) + eps
     union = (bits | m).sum(axis=1) + eps
-    return np.divide(inter, union, out=np.ones(len(bits)), where=union != 0)
+    c = np.divide(inter, union, out=np.ones(len(bits)), where=union != 0)
+    return np.where(vote, c, 0.0)
 
 
 def component_means(infos) -> dict[str, float]:

@@ -1,5 +1,6 @@
 """selfemo_verl.rewards: smoothed IoU, episode reward, group consistency, bitmasks (DESIGN §3)."""
 
+import itertools
 import math
 
 import numpy as np
@@ -81,11 +82,10 @@ def test_beta_zero_equals_plain_set_iou_with_or_without_label_space(p, g):
 
 
 def _dense_reference(p, g, space, eps, beta, sigma):
-    """Loop reference of DESIGN §3.1 over the universe L ∪ P ∪ G."""
+    """Loop reference of DESIGN §3.1 (revised): both sums over P ∪ G only."""
     va = VALENCE_AROUSAL[space]
-    universe = list(dict.fromkeys(list(LABEL_SPACES[space]) + sorted(p) + sorted(g)))
     num = den = 0.0
-    for k in universe:
+    for k in set(p) | set(g):
         sims = [
             math.exp(-((va[j][0] - va[k][0]) ** 2 + (va[j][1] - va[k][1]) ** 2) / (2 * sigma**2))
             for j in g
@@ -122,19 +122,49 @@ def test_semantic_smoothing_gives_near_miss_more_credit_than_far_miss():
     assert near > smoothed_iou({"excited"}, {"happy"})  # beta>0 lifts the near miss above the plain score
 
 
-def test_exact_hit_scores_below_one_with_semantic_smoothing():
-    # Documented consequence of the literal formula: soft gold mass on unpredicted neighbours stays in the union.
-    exact = smoothed_iou({"happy"}, {"happy"}, "iemocap", beta=0.3)
-    assert 0.5 < exact < 1.0
-    assert exact > smoothed_iou({"happy", "excited"}, {"happy"}, "iemocap", beta=0.3)
+@pytest.mark.parametrize(
+    "pred, expected",
+    [
+        ("disgust", 1.0),  # reason: exact hit scores exactly 1 whatever beta (DESIGN §3.1 revised)
+        ("anger", 0.133),  # reason: near miss: (0.3 * S(disgust, anger) + 0.1) / 2.1
+        ("joy", 0.049),  # reason: far miss: S(disgust, joy) ~ 0.01, barely above eps / 2.1 = 0.048
+    ],
+)
+def test_semantic_smoothing_worked_values_meld(pred, expected):
+    assert smoothed_iou({pred}, {"disgust"}, "meld", beta=0.3, sigma=0.5) == pytest.approx(expected, abs=5e-4)
 
 
-@given(odd_values, odd_values)
-@settings(max_examples=200)
-def test_smoothed_iou_never_raises_on_odd_label_arguments(p, g):
-    for beta in (0.0, 0.3):
-        s = smoothed_iou(p, g, "meld", beta=beta)
-        assert 0.0 < s <= 1.0
+def _label_sets(labels, max_size):
+    return [frozenset(c) for n in range(max_size + 1) for c in itertools.combinations(labels, n)]
+
+
+@pytest.mark.parametrize("space", sorted(LABEL_SPACES))
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.3, 0.7, 1.0])
+def test_exact_is_one_and_every_other_prediction_scores_below_one_in_unit_interval(space, beta):
+    # exhaustive over |P| <= 3, |G| <= 2 for every label space
+    labels = LABEL_SPACES[space]
+    for g in _label_sets(labels, 2):
+        for p in _label_sets(labels, 3):
+            score = smoothed_iou(p, g, space, beta=beta)
+            if p == g:
+                assert score == 1.0, (p, g, beta)  # reason: no soft mass outside P ∪ G is counted
+            else:
+                assert 0.0 <= score < 1.0, (p, g, beta, score)
+            if beta == 0.0:
+                inter = len(p & g)
+                assert score == pytest.approx((inter + 0.1) / (len(p | g) + 0.1))  # reason: β = 0 unchanged
+
+
+@pytest.mark.parametrize("space", sorted(LABEL_SPACES))
+def test_single_label_misses_are_ordered_by_similarity(space):
+    va, labels = VALENCE_AROUSAL[space], LABEL_SPACES[space]
+    for gold in labels:
+        dist = {p: (va[p][0] - va[gold][0]) ** 2 + (va[p][1] - va[gold][1]) ** 2 for p in labels if p != gold}
+        by_distance = sorted(dist, key=dist.get)
+        scores = [smoothed_iou({p}, {gold}, space, beta=0.3) for p in by_distance]
+        # reason: closer on the valence-arousal plane -> more similar -> at least as much credit
+        assert scores == sorted(scores, reverse=True), (gold, by_distance, scores)
+        assert all(s < 1.0 for s in scores)
 
 
 @pytest.mark.parametrize(
@@ -237,22 +267,36 @@ def test_group_consistency_differs_from_per_sample_scoring():
     # majority: the two signals point in opposite directions, which is why SELF-GRPO weights c_i by lambda.
     sets = [{"joy"}, {"joy"}, {"anger"}]
     per_sample = [smoothed_iou(s, {"anger"}) for s in sets]
-    cons = group_consistency(sets)
+    cons = group_consistency(sets, [True] * 3)
     assert per_sample == pytest.approx([0.1 / 2.1, 0.1 / 2.1, 1.0])
     assert cons == pytest.approx([1.0, 1.0, 0.1 / 2.1])
 
 
-def test_group_consistency_when_all_sets_are_empty_is_one_for_everyone():
-    assert group_consistency([set(), set(), set()]) == [1.0, 1.0, 1.0]  # reason: M = {}, sIoU({},{}) = 1
+def test_an_unparsed_answer_gets_less_consistency_than_a_parsed_wrong_label():
+    # reason (DESIGN §3.3): the unparsed episode neither votes nor scores, so it gets 0, below the parsed
+    # minority label's eps / (2 + eps) ~ 0.048; before the revision it got sIoU({}, M) ~ 0.09
+    c = group_consistency([{"joy"}, {"joy"}, {"anger"}, set()], [True, True, True, False], "meld")
+    assert c == pytest.approx([1.0, 1.0, 0.1 / 2.1, 0.0])
+    assert c[3] < c[2]
 
 
-def _loop_reference(masks, gids, n_labels, eps):
+def test_non_voters_do_not_move_the_consensus():
+    # reason: three non-voting "anger" sets (infra failures) would otherwise be the majority
+    c = group_consistency([{"joy"}, {"joy"}, {"anger"}, {"anger"}, {"anger"}], [1, 1, 0, 0, 0])
+    assert c == pytest.approx([1.0, 1.0, 0.0, 0.0, 0.0])
+
+
+def test_group_consistency_when_nobody_votes_is_zero_for_everyone():
+    assert group_consistency([set(), {"joy"}, set()], [False, False, False]) == [0.0, 0.0, 0.0]
+
+
+def _loop_reference(masks, voters, gids, n_labels, eps):
     space_labels = [f"l{k}" for k in range(n_labels)]
     to_set = lambda m: frozenset(lab for k, lab in enumerate(space_labels) if m > 0 and (m >> k) & 1)  # noqa: E731
     out = np.zeros(len(masks))
     for g in dict.fromkeys(gids.tolist()):
         idx = np.flatnonzero(gids == g)
-        out[idx] = group_consistency([to_set(int(masks[i])) for i in idx], eps=eps)
+        out[idx] = group_consistency([to_set(int(masks[i])) for i in idx], voters[idx], eps=eps)
     return out
 
 
@@ -263,15 +307,18 @@ def test_group_consistency_from_masks_equals_loop_reference(seed):
     n = int(rng.integers(1, 200))
     masks = rng.integers(-3, 2 ** (n_labels + 1), size=n)  # includes negative and out-of-range bits
     masks[rng.random(n) < 0.3] = 0  # parse failures
+    voters = rng.random(n) < 0.7  # some unparsed or infra episodes, including non-zero masks that do not vote
     gids = np.array([f"uid{g}" for g in rng.integers(0, max(1, n // 5), size=n)], dtype=object)
     eps = float(rng.choice([0.0, 0.1, 0.5]))
-    got = group_consistency_from_masks(masks, gids, n_labels, eps=eps)
+    got = group_consistency_from_masks(masks, voters, gids, n_labels, eps=eps)
     assert got.shape == (n,)
-    np.testing.assert_allclose(got, _loop_reference(masks, gids, n_labels, eps), rtol=1e-12)
+    np.testing.assert_allclose(got, _loop_reference(masks, voters, gids, n_labels, eps), rtol=1e-12)
+    assert (got[~voters] == 0).all()
 
 
 def test_group_consistency_from_masks_on_empty_batch():
-    assert group_consistency_from_masks(np.array([], dtype=np.int64), np.array([]), 7).shape == (0,)
+    empty = np.array([], dtype=np.int64)
+    assert group_consistency_from_masks(empty, empty.astype(bool), np.array([]), 7).shape == (0,)
 
 
 def test_score_episode_components_and_invalid_statuses():
