@@ -8,7 +8,9 @@ How SELF-GRPO differs from verl 0.9.1's built-in `grpo` (`core_algos.compute_grp
    rewards (0.500 vs 0.501) are not blown up to ±1. With σ_min = 0 it is std_g + ε, exactly as verl.
 3. Advantages are clipped to [−A_max, A_max] (`adv_clip`); None or inf switches clipping off.
 4. A singleton group gets A = 0 (verl gives it its raw score): no baseline, no signal.
-5. Vectorised over groups (one `pandas.factorize` + `index_add_`), no Python loop over uids; group moments in
+5. Episodes that are not group members (`member` False: an infrastructure failure hit them, DESIGN §3.2) get
+   A = 0 and enter neither the mean nor the std of their group; a group left with one member is a singleton.
+6. Vectorised over groups (one `pandas.factorize` + `index_add_`), no Python loop over uids; group moments in
    float64, the result in the reward dtype; the broadcast selects with the 0/1 mask instead of multiplying.
 
 Everything else is verl's: score = Σ_t token_level_rewards, unbiased (n−1) sample std, `norm_by_std=False`
@@ -45,30 +47,48 @@ def group_ids(index) -> tuple[torch.Tensor, int]:
     return torch.from_numpy(codes.astype(np.int64, copy=False)), len(uniques)
 
 
-def _group_moments(values: torch.Tensor, ids: torch.Tensor, n_groups: int):
-    """Per-group mean, unbiased std (0 for singletons) and count, in float64. Shapes: (G,) each."""
+def _group_moments(values: torch.Tensor, ids: torch.Tensor, n_groups: int, weight: torch.Tensor):
+    """Per-group mean, unbiased std (0 for singletons) and member count over rows with weight 1, in float64.
+
+    Shapes: values, weight (bs,) (weight 0/1); returns three (G,) tensors. A group without members has count 0.
+    """
     v = values.to(torch.float64)
+    w = weight.to(torch.float64)
     zeros = torch.zeros(n_groups, dtype=torch.float64, device=v.device)
-    count = zeros.clone().index_add_(0, ids, torch.ones_like(v))
-    mean = zeros.clone().index_add_(0, ids, v) / count
-    centred = v - mean[ids]
+    count = zeros.clone().index_add_(0, ids, w)
+    mean = zeros.clone().index_add_(0, ids, v * w) / count.clamp_min(1.0)
+    centred = (v - mean[ids]) * w
     sq = zeros.clone().index_add_(0, ids, centred * centred)
     std = torch.sqrt(sq / (count - 1.0).clamp_min(1.0))
     return mean, std, count
 
 
-def _unclipped(scores, ids, n_groups, consistency, consistency_weight, std_floor, epsilon, norm_by_std):
-    """Per-sample (r̃ − mean_g r̃) / max(std_g, σ_min) before clipping, 0 for singletons. Shape (bs,), float64."""
+def _unclipped(scores, ids, n_groups, consistency, member, consistency_weight, std_floor, epsilon, norm_by_std):
+    """Per-sample (r̃ − mean_g r̃) / max(std_g, σ_min) before clipping; 0 for non-members and singletons.
+
+    Shapes: scores (bs,), member (bs,) bool or None (= every row); returns (bs,) float64.
+    """
     shaped = scores.to(torch.float64)
     if consistency is not None and consistency_weight != 0.0:
         c = torch.as_tensor(consistency, dtype=torch.float64, device=shaped.device).reshape(-1)
         shaped = shaped + consistency_weight * c
-    mean, std, count = _group_moments(shaped, ids, n_groups)
+    is_member = _member_mask(member, shaped)
+    mean, std, count = _group_moments(shaped, ids, n_groups, is_member)
     centred = shaped - mean[ids]
     if norm_by_std:
         denom = std.clamp_min(std_floor) if std_floor > 0 else std + epsilon
         centred = centred / denom[ids]
-    return torch.where(count[ids] > 1, centred, torch.zeros_like(centred))
+    return torch.where(is_member & (count[ids] > 1), centred, torch.zeros_like(centred))
+
+
+def _member_mask(member, like: torch.Tensor) -> torch.Tensor:
+    """(bs,) bool tensor on `like`'s device; None means every row is a member."""
+    if member is None:
+        return torch.ones(like.shape, dtype=torch.bool, device=like.device)
+    mask = torch.as_tensor(np.asarray(member, dtype=bool), device=like.device).reshape(-1)
+    if mask.shape != like.shape:
+        raise ValueError(f"member has shape {tuple(mask.shape)} for {tuple(like.shape)} episodes")
+    return mask
 
 
 def _clip_bound(adv_clip) -> float | None:
@@ -82,6 +102,7 @@ def self_grpo_advantage(
     response_mask: torch.Tensor,
     index,
     consistency=None,
+    member=None,
     *,
     consistency_weight: float = 0.2,
     std_floor: float = 0.1,
@@ -93,10 +114,10 @@ def self_grpo_advantage(
 
         r̃_i = Σ_t r_{i,t} + λ·c_i
         A_i = clip((r̃_i − mean_g r̃) / max(std_g r̃, σ_min), −A_max, A_max)    (std_g + ε when σ_min = 0)
-        A_i = 0 when group g has one member.
+        A_i = 0 when episode i is not a member, or its group has one member; mean and std run over members.
 
     Shapes: token_level_rewards, response_mask (bs, L); index (bs,) group labels (uid); consistency (bs,)
-    c_i in [0, 1] or None (= 0). Returns (advantages, returns), both (bs, L), the same tensor, as verl's grpo.
+    c_i in [0, 1] or None (= 0); member (bs,) bool or None (= every episode; False: infrastructure failure). Returns (advantages, returns), both (bs, L), the same tensor, as verl's grpo.
     `adv_clip=None` (or inf) disables clipping; `std_floor=0` gives verl's std + ε.
 
     Assumption: see the module docstring (the paper gives no formula).
@@ -105,11 +126,16 @@ def self_grpo_advantage(
     >>> a, _ = self_grpo_advantage(r, torch.ones(3, 2), ["u", "u", "v"], consistency_weight=0.0)
     >>> [round(x, 4) for x in a[:, 0].tolist()]     # ±(0.5 / 0.7071); the singleton "v" gets 0
     [0.7071, -0.7071, 0.0]
+    >>> a, _ = self_grpo_advantage(r, torch.ones(3, 2), ["u", "u", "u"], None, [True, False, True],
+    ...                            consistency_weight=0.0)
+    >>> [round(x, 4) for x in a[:, 0].tolist()]     # the non-member gets 0 and is not in the mean or std
+    [0.7071, 0.0, -0.7071]
     """
     scores = token_level_rewards.sum(dim=-1)
     ids, n_groups = group_ids(index)
     ids = ids.to(scores.device)
-    scalar = _unclipped(scores, ids, n_groups, consistency, consistency_weight, std_floor, epsilon, norm_by_std)
+    scalar = _unclipped(scores, ids, n_groups, consistency, member, consistency_weight, std_floor, epsilon,
+                        norm_by_std)
     bound = _clip_bound(adv_clip)
     if bound is not None:
         scalar = scalar.clamp(-bound, bound)
@@ -123,6 +149,7 @@ def self_grpo_stats(
     scores: torch.Tensor,
     index,
     consistency=None,
+    member=None,
     *,
     consistency_weight: float = 0.2,
     std_floor: float = 0.1,
@@ -135,27 +162,28 @@ def self_grpo_stats(
     - `zero_std_groups`: groups of ≥ 2 whose task score r is identical for every member (plain GRPO gives
       them no signal; only the consistency term can separate their episodes);
     - `adv_clip_frac`: share of episodes whose unclipped |A_i| exceeds A_max (0 when clipping is off);
-    - `consistency_mean`: mean c_i (0 when consistency is None).
+    - `consistency_mean`: mean c_i over members (0 when consistency is None or there is no member).
 
-    Shapes: scores (bs,) episode rewards; index (bs,); consistency (bs,) or None.
+    Only members (`member`, None = all) count: groups are their members, shares are over members.
+    Shapes: scores (bs,) episode rewards; index (bs,); consistency (bs,) or None; member (bs,) bool or None.
 
     >>> s = self_grpo_stats(torch.tensor([1.0, 1.0, 0.0, 0.2]), ["a", "a", "b", "b"], [1.0, 0.5, 0.0, 0.5])
     >>> s["zero_std_groups"], s["consistency_mean"]
     (1.0, 0.5)
     """
     scores = scores.detach().cpu()  # diagnostics: a few scalars per episode
-    ids, n_groups = group_ids(index)
-    v = scores.to(torch.float64)
+    keep = _member_mask(member, scores)
+    ids, n_groups = group_ids(np.asarray(index)[keep.numpy()])
+    v = scores[keep].to(torch.float64)
+    c = None if consistency is None else np.asarray(consistency, dtype=np.float64)[keep.numpy()]
     gmax = torch.full((n_groups,), -math.inf, dtype=torch.float64).scatter_reduce(0, ids, v, "amax")
     gmin = torch.full((n_groups,), math.inf, dtype=torch.float64).scatter_reduce(0, ids, v, "amin")
     count = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, ids, torch.ones_like(v))
-    scalar = _unclipped(scores, ids, n_groups, consistency, consistency_weight, std_floor, epsilon, norm_by_std)
+    scalar = _unclipped(v, ids, n_groups, c, None, consistency_weight, std_floor, epsilon, norm_by_std)
     bound = _clip_bound(adv_clip)
     clipped = (scalar.abs() > bound).double().mean().item() if bound is not None and len(v) else 0.0
-    c = np.asarray(consistency if consistency is not None else [], dtype=np.float64)
-    c_mean = float(c.mean()) if c.size else 0.0
     return {
         "zero_std_groups": float(((gmax == gmin) & (count > 1)).sum().item()),
         "adv_clip_frac": clipped,
-        "consistency_mean": c_mean,
+        "consistency_mean": float(c.mean()) if c is not None and c.size else 0.0,
     }

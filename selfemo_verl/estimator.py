@@ -6,8 +6,8 @@ verl's `compute_advantage` calls a registered estimator with `token_level_reward
 `config` (= `config.algorithm`) and `index` (= the prompt uids) and nothing else, so the per-episode
 consistency c_i reaches the estimator in one of three ways, first match wins:
 
-1. a `consistency=` keyword (direct calls, tests);
-2. a `ConsistencyFeed` that `selfemo_verl.trainer.SelfEmoTrainer` sets around verl's advantage step for the
+1. `consistency=` / `member=` keywords (direct calls, tests);
+2. a `ConsistencyFeed` (c_i and which rows are group members) that `selfemo_verl.trainer.SelfEmoTrainer` sets around verl's advantage step for the
    same rows (checked: the feed's uids must equal `index`, row for row, or it raises);
 3. neither: c_i = 0 (plain `verl.trainer.main_ppo` with `algorithm.adv_estimator=self_grpo`).
 
@@ -36,13 +36,19 @@ KNOBS = ("consistency_weight", "std_floor", "adv_clip", "epsilon", "norm_by_std"
 class ConsistencyFeed:
     """c_i for the rows of one advantage step, keyed by their uids; `stats` is filled by the estimator.
 
-    `valid` marks the rows the stats count (False for verl's synthetic padding rows).
+    `valid` marks real rows (False for verl's synthetic padding rows); `infra` marks real rows hit by an
+    infrastructure failure (DESIGN §3.2). Group members are the valid rows without `infra`.
     """
 
     uids: np.ndarray
     consistency: np.ndarray
     valid: np.ndarray
+    infra: np.ndarray
     stats: dict | None = None
+
+    @property
+    def member(self) -> np.ndarray:
+        return self.valid & ~self.infra
 
 
 _FEED: contextvars.ContextVar[ConsistencyFeed | None] = contextvars.ContextVar("selfemo_feed", default=None)
@@ -89,12 +95,21 @@ def self_grpo(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, co
     if index is None:
         raise ValueError("self_grpo needs the prompt uids (index); verl passes non_tensor_batch['uid']")
     knobs = self_grpo_knobs(config)
-    consistency = kwargs.get("consistency")
+    consistency, member = kwargs.get("consistency"), kwargs.get("member")
     feed = _feed_consistency(index) if consistency is None else None
     if feed is not None:
-        consistency = feed.consistency
-        valid = feed.valid
-        scores = token_level_rewards.sum(dim=-1)
-        c = consistency[valid]
-        feed.stats = self_grpo_stats(scores[torch.as_tensor(valid)], np.asarray(index)[valid], c, **knobs)
-    return self_grpo_advantage(token_level_rewards, response_mask, index, consistency, **knobs)
+        consistency, member = feed.consistency, feed.member
+    advantages, returns = self_grpo_advantage(token_level_rewards, response_mask, index, consistency, member,
+                                              **knobs)
+    if feed is not None:
+        feed.stats = _feed_stats(feed, token_level_rewards.sum(dim=-1), advantages, index, knobs)
+    return advantages, returns
+
+
+def _feed_stats(feed: ConsistencyFeed, scores: torch.Tensor, advantages: torch.Tensor, index, knobs) -> dict:
+    """`self_grpo_stats` over the members, plus `infra_adv_abs_max`: max |A| over infra rows (0.0 when none)."""
+    stats = self_grpo_stats(scores, index, feed.consistency, feed.member, **knobs)
+    infra = torch.as_tensor(feed.infra, device=advantages.device)
+    hit = advantages[infra].abs()
+    stats["infra_adv_abs_max"] = float(hit.max().item()) if hit.numel() else 0.0
+    return stats

@@ -29,6 +29,8 @@ concatenated response text). The contract for that dict (every key optional; mis
         "later_turns":     [ {the same stated ... judge_agreement keys}, ... ],
                                               # turns 2..T when self_play_turns > 1 (default [])
         "error":           None,              # str reason when the episode ended early
+        "infra_error":     0,                 # 1: a server call raised, timed out, aborted or returned an
+                                              #   invalid object (DESIGN §3.2): the trainer gives A = 0
         "mode":            "self_play",       # or "recognize" (no self-play turns); informational
     }
 
@@ -44,7 +46,8 @@ Returned keys (identical for every sample, all finite scalars, for verl's reward
 score (R), r_rec, r_con, r_und (floats; 0.0 when absent), has_con, has_und (1.0/0.0: average r_con/r_und
 over rows where these are 1), parse_ok (1.0 iff the recognition parsed), pred_mask (int bitmask of P_t over
 LABEL_SPACES[space], read by the SELF-GRPO trainer), n_pred (int |P_t|), gold_mask (int bitmask of the gold
-labels, for the corpus-level validation metrics the trainer computes). With default knobs score is in
+labels, for the corpus-level validation metrics the trainer computes), infra_error (1.0 iff the record says an
+infrastructure failure hit the episode; the trainer leaves such episodes out of training, DESIGN §3.2). With default knobs score is in
 [0, w_rec + w_con + w_und] = [0, 1.75]. Never raises for any data_source/solution_str/ground_truth/extra_info;
 an unknown knob name raises ValueError (a config error).
 """
@@ -93,9 +96,16 @@ def _is_map(value) -> bool:
     return type(value) is dict or isinstance(value, Mapping)
 
 
-def _result(space, pred, status, gold, scores: dict) -> dict:
+def _infra_error(selfemo: Mapping) -> float:
+    """1.0 iff the record's `infra_error` is exactly 1 / True (any other value: the model's own record)."""
+    flag = selfemo.get("infra_error")
+    return 1.0 if isinstance(flag, (bool, int, float)) and flag == 1 else 0.0
+
+
+def _result(space, pred, status, gold, scores: dict, infra: float = 0.0) -> dict:
     """Add the recognition bookkeeping keys to score_episode's dict (one fixed key set for every sample)."""
     ok = is_ok(status)
+    scores["infra_error"] = infra
     scores["parse_ok"] = 1.0 if ok else 0.0
     scores["pred_mask"] = labels_to_mask(pred, space) if ok and space else 0
     scores["n_pred"] = len(pred) if ok else 0
@@ -112,8 +122,8 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kw
     >>> sp = {"pred": ["joy"], "pred_status": "ok", "stated": ["anger"], "stated_status": "ok",
     ...       "judged": ["anger"], "judged_status": "ok"}
     >>> r = compute_score("selfemo/meld", "ignored", ["joy"], {"selfemo": sp, "next_gold": ["anger"]})
-    >>> r["score"], r["r_con"], r["r_und"]
-    (1.75, 1.0, 1.0)
+    >>> r["score"], r["r_con"], r["r_und"], r["infra_error"]
+    (1.75, 1.0, 1.0, 0.0)
     """
     if kwargs and not kwargs.keys() <= _KNOBS:
         kwargs = {k: v for k, v in kwargs.items() if k not in _VERL_KWARGS}
@@ -126,7 +136,7 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kw
     space = _label_space(data_source, info, selfemo)
     if space is None:
         return _result(None, frozenset(), "missing", frozenset(),
-                       score_episode(frozenset(), "missing", frozenset(), **kwargs))
+                       score_episode(frozenset(), "missing", frozenset(), **kwargs), _infra_error(selfemo))
     if raw is None:
         pred, status = parse_emotions(solution_str, space)
     else:
@@ -135,4 +145,4 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kw
     scores = score_episode(
         pred, status, gold, label_space=space, turns=_turns(selfemo), next_gold=info.get("next_gold"), **kwargs,
     )
-    return _result(space, pred, status, gold, scores)
+    return _result(space, pred, status, gold, scores, _infra_error(selfemo))

@@ -11,13 +11,16 @@ What changes against `PPOTrainerSync`: only the advantage step, and only with `a
    `AgentLoopWorkerTQ._agent_loop_postprocess` writes `extra_fields` as a TQ column under the key
    `{uid}_{session}_{output}`.
 2. c_i = sIoU(P_i, M_uid) over the rows of each uid (`rewards.group_consistency_from_masks`), with the
-   sIoU ε of `selfemo.reward.eps`. n_labels is the widest label space (7): a mask never sets bits beyond its
+   sIoU ε of `selfemo.reward.eps`; only episodes whose answer parsed (`parse_ok`) and that had no
+   infrastructure failure (`infra_error`, DESIGN §3.2) vote, the others get c_i = 0. n_labels is the widest label space (7): a mask never sets bits beyond its
    own space, so the extra all-zero columns change neither the consensus nor the sIoU, and mixed-dataset
    batches need no per-row label space.
 3. Run verl's own `_compute_advantage` (KL-in-reward, rollout correction, write-back untouched) with a
    `ConsistencyFeed` active; the registered `self_grpo` estimator takes c_i from it after checking the uids
-   match row for row, and leaves its diagnostics, which are logged as `selfemo/consistency_mean`,
-   `selfemo/zero_std_groups`, `selfemo/adv_clip_frac` (verl's padding rows excluded).
+   match row for row, gives A = 0 to `infra_error` episodes and leaves them out of their group's mean and
+   std, and leaves its diagnostics, which are logged as `selfemo/consistency_mean`, `selfemo/zero_std_groups`,
+   `selfemo/adv_clip_frac` and `selfemo/infra_adv_abs_max` (max |A| of infra rows: 0 by construction)
+   (verl's padding rows excluded). `selfemo/infra_error_rate` is the share of real episodes with `infra_error`.
 
 Limitation: one `AgentLoopOutput` per episode (what `selfemo_self_play` returns). Several outputs per session
 would all join the uid group (verl's special multi-output handling applies to `grpo` only), so it raises.
@@ -87,19 +90,35 @@ def dump_episodes(dump_dir, step: int, tags, rows) -> None:
     write_step(dump_dir, step, records)
 
 
-def reward_metrics(tags, rows) -> dict[str, float]:
-    """`selfemo/r_rec`, `selfemo/r_con`, `selfemo/r_und`, `selfemo/parse_ok`: step means over real episodes."""
+def _real_infos(tags, rows) -> list:
+    """`reward_extra_info` (compute_score's dict) of each real row, or None where a row has none."""
     extra = list(rows["extra_fields"])
-    infos = [extra[i].get("reward_extra_info") for i, tag in enumerate(tags) if not tag.get("is_padding", False)]
-    return {METRIC_PREFIX + name: value for name, value in component_means(infos).items()}
+    return [extra[i].get("reward_extra_info") if isinstance(extra[i], dict) else None
+            for i, tag in enumerate(tags) if not tag.get("is_padding", False)]
 
 
-def pred_masks(keys, extra_fields, valid) -> np.ndarray:
-    """(N,) int64 `pred_mask` per row from the TQ `extra_fields` column; a real row without one is a wiring error.
+def reward_metrics(tags, rows) -> dict[str, float]:
+    """`selfemo/infra_error_rate` over real episodes; `selfemo/r_rec`, `r_con`, `r_und`, `parse_ok` step means
+    over real episodes without an infrastructure failure (those are not the policy's scores, DESIGN §3.2)."""
+    infos = [info for info in _real_infos(tags, rows) if isinstance(info, dict)]
+    if not infos:
+        return {}
+    infra = [float(info.get("infra_error", 0.0)) == 1.0 for info in infos]
+    means = component_means([info for info, hit in zip(infos, infra) if not hit])
+    return {METRIC_PREFIX + "infra_error_rate": float(np.mean(infra)),
+            **{METRIC_PREFIX + name: value for name, value in means.items()}}
 
-    verl's synthetic padding rows (`valid` False: own uid, response mask 0) get 0 without being read.
+
+def episode_columns(keys, extra_fields, valid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pred_mask, parse_ok, infra_error) per row from the TQ `extra_fields` column, shapes (N,) each.
+
+    A real row without `pred_mask` is a wiring error; a missing `parse_ok` / `infra_error` reads as 0 (the
+    reward of an older selfemo_verl). verl's synthetic padding rows (`valid` False: own uid, response mask 0)
+    get 0 / False / False without being read.
     """
     masks = np.zeros(len(keys), dtype=np.int64)
+    parsed = np.zeros(len(keys), dtype=bool)
+    infra = np.zeros(len(keys), dtype=bool)
     for i, (key, fields, real) in enumerate(zip(keys, extra_fields, valid, strict=True)):
         if not real:
             continue
@@ -110,7 +129,9 @@ def pred_masks(keys, extra_fields, valid) -> np.ndarray:
                 "reward.custom_reward_function.path=pkg://selfemo_verl.reward (streaming reward path)"
             )
         masks[i] = int(info["pred_mask"])
-    return masks
+        parsed[i] = float(info.get("parse_ok", 0.0)) == 1.0
+        infra[i] = float(info.get("infra_error", 0.0)) == 1.0
+    return masks, parsed, infra
 
 
 def check_one_output_per_session(keys) -> None:
@@ -121,13 +142,16 @@ def check_one_output_per_session(keys) -> None:
 
 
 def consistency_feed_for(keys, tags, rows, eps: float) -> ConsistencyFeed:
-    """The estimator feed for one batch: uids, c_i per row, and which rows are real (not verl padding)."""
+    """The estimator feed for one batch: uids, c_i per row, real rows, and rows hit by infrastructure failures.
+
+    Only parsed episodes without an infrastructure failure vote and score (DESIGN §3.3); others get c_i = 0.
+    """
     # TensorDict["non-tensor field"] is a list of the python values (tensordict LinkedList).
     uids = np.array(list(rows["uid"]), dtype=object)
     valid = np.array([not tag.get("is_padding", False) for tag in tags], dtype=bool)
-    masks = pred_masks(keys, list(rows["extra_fields"]), valid)
-    consistency = group_consistency_from_masks(masks, uids, N_LABELS, eps)
-    return ConsistencyFeed(uids=uids, consistency=consistency, valid=valid)
+    masks, parsed, infra = episode_columns(keys, list(rows["extra_fields"]), valid)
+    consistency = group_consistency_from_masks(masks, valid & parsed & ~infra, uids, N_LABELS, eps)
+    return ConsistencyFeed(uids=uids, consistency=consistency, valid=valid, infra=infra)
 
 
 class SelfEmoTrainer(PPOTrainerSync):

@@ -127,11 +127,12 @@ def test_advantage_is_zero_outside_the_response_mask():
     assert a.dtype == rewards.dtype and a.shape == rewards.shape
 
 
-def _loop_reference(scores, uids, c, lam, floor, clip, eps=1e-6):
+def _loop_reference(scores, uids, c, lam, floor, clip, eps=1e-6, member=None):
     """Short, obviously-correct reference: one group at a time with the statistics module."""
     out = [0.0] * len(scores)
+    member = [True] * len(scores) if member is None else member
     for u in set(uids):
-        rows = [i for i, x in enumerate(uids) if x == u]
+        rows = [i for i, x in enumerate(uids) if x == u and member[i]]
         if len(rows) < 2:
             continue
         vals = [scores[i] + lam * c[i] for i in rows]
@@ -152,6 +153,42 @@ def test_vectorised_matches_loop_reference(seed):
     first = mask.argmax(dim=1)
     got = a[torch.arange(len(a)), first]
     torch.testing.assert_close(got, torch.tensor(ref, dtype=torch.float32), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_non_members_get_zero_and_stay_out_of_their_groups_moments(seed):
+    rewards, mask, uids, c = _batch(seed, min_size=1, max_size=6, n_groups=20)
+    member = np.random.default_rng(seed).random(len(uids)) < 0.7
+    a, _ = self_grpo_advantage(rewards, mask, uids, c, member, consistency_weight=0.3, std_floor=0.1, adv_clip=2.0)
+    ref = _loop_reference(rewards.sum(-1).tolist(), uids.tolist(), c.tolist(), 0.3, 0.1, 2.0, member=member.tolist())
+    got = a[torch.arange(len(a)), mask.argmax(dim=1)]
+    torch.testing.assert_close(got, torch.tensor(ref, dtype=torch.float32), atol=1e-5, rtol=0)
+    assert (a[torch.as_tensor(~member)] == 0).all()  # reason: an infrastructure failure carries no signal
+
+
+def test_a_failed_episode_does_not_change_its_groups_advantages():
+    # reason: the same three answered episodes with and without a fourth, failed one whose score is 0
+    rewards = torch.tensor([[1.0], [0.0], [0.5], [0.0]])
+    with_failed, _ = self_grpo_advantage(rewards, torch.ones(4, 1), ["g"] * 4, None, [True, True, True, False])
+    without, _ = self_grpo_advantage(rewards[:3], torch.ones(3, 1), ["g"] * 3)
+    torch.testing.assert_close(with_failed[:3], without, atol=0, rtol=0)
+    assert with_failed[3, 0] == 0.0
+    # a group left with one member is a singleton: A = 0 for it too
+    lone, _ = self_grpo_advantage(rewards[:2], torch.ones(2, 1), ["g", "g"], None, [True, False])
+    assert lone.abs().max().item() == 0.0
+
+
+def test_registered_wrapper_gives_feed_infra_rows_zero_and_reports_it():
+    from selfemo_verl.estimator import ConsistencyFeed, consistency_feed, self_grpo
+
+    uids = np.array(["g", "g", "g", "g"], dtype=object)
+    feed = ConsistencyFeed(uids, np.zeros(4), np.array([True] * 4), np.array([False, False, True, False]))
+    rewards = torch.tensor([[1.0], [0.0], [5.0], [0.5]])
+    with consistency_feed(feed):
+        a, _ = self_grpo(rewards, torch.ones(4, 1), config=None, index=uids)
+    expected, _ = self_grpo_advantage(rewards[[0, 1, 3]], torch.ones(3, 1), uids[[0, 1, 3]], np.zeros(3))
+    torch.testing.assert_close(a[[0, 1, 3]], expected, atol=0, rtol=0)
+    assert a[2, 0] == 0.0 and feed.stats["infra_adv_abs_max"] == 0.0
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -194,7 +231,8 @@ def test_registered_wrapper_takes_consistency_keyword():
 def test_feed_with_other_rows_raises():
     from selfemo_verl.estimator import ConsistencyFeed, consistency_feed, self_grpo
 
-    feed = ConsistencyFeed(np.array(["b", "a"], dtype=object), np.array([1.0, 0.0]), np.array([True, True]))
+    feed = ConsistencyFeed(np.array(["b", "a"], dtype=object), np.array([1.0, 0.0]), np.array([True, True]),
+                           np.array([False, False]))
     with consistency_feed(feed), pytest.raises(RuntimeError, match="uids do not match"):
         self_grpo(torch.ones(2, 1), torch.ones(2, 1), config=None, index=np.array(["a", "b"], dtype=object))
 

@@ -14,7 +14,8 @@ import selfemo_verl.reward as reward_mod
 from selfemo_verl.labels import LABEL_SPACES
 from selfemo_verl.reward import compute_score
 
-KEYS = {"score", "r_rec", "r_con", "r_und", "has_con", "has_und", "parse_ok", "pred_mask", "n_pred", "gold_mask"}
+KEYS = {"score", "r_rec", "r_con", "r_und", "has_con", "has_und", "parse_ok", "pred_mask", "n_pred", "gold_mask",
+        "infra_error"}
 MAX_SCORE = 1.0 + 0.5 + 0.25  # default weights, every term in [0, 1]
 
 
@@ -233,13 +234,40 @@ def test_gold_mask_carries_the_gold_labels_for_corpus_metrics():
     assert compute_score("unknown/source", "<emotion>joy</emotion>", ["joy"])["gold_mask"] == 0
 
 
-def test_judge_server_failure_is_left_out_of_r_con_but_an_unjudged_reply_is_penalised():
-    base = {"pred": ["joy"], "pred_status": "ok", "stated": ["anger"], "stated_status": "ok", "judged": []}
-    # reason: the judge server never answered: not the policy's fault, no r_con; r_und still scored
-    infra = compute_score("selfemo/meld", "", ["joy"], {"selfemo": {**base, "judged_status": "judge_error"},
+def test_judge_server_failure_is_never_charged_to_the_policy():
+    import torch
+
+    from selfemo_verl.advantage import self_grpo_advantage
+
+    base = {"pred": ["joy"], "pred_status": "ok", "stated": ["anger"], "stated_status": "ok"}
+    wrong = compute_score("selfemo/meld", "", ["joy"], {"selfemo": {**base, "judged": ["fear"], "judged_status": "ok"},
                                                         "next_gold": ["anger"]})
-    assert (infra["has_con"], infra["r_und"], infra["score"]) == (0.0, 1.0, 1.25)
-    # reason: the responder wrote no parsable reply, so nothing was judged: r_con = r_invalid
+    infra = compute_score("selfemo/meld", "", ["joy"], {"selfemo": {**base, "judged": [], "judged_status": "judge_error",
+                                                                    "infra_error": 1}, "next_gold": ["anger"]})
+    # reason: the judge answered "fear" to "anger": r_con = 0.1/2.1, R = 1 + 0.5 * 0.048 + 0.25 = 1.274
+    assert wrong["score"] == pytest.approx(1.0 + 0.5 * 0.1 / 2.1 + 0.25) and wrong["infra_error"] == 0.0
+    # reason: the judge never answered: no r_con, R = 1.25 < 1.274 - scored alone it would look like the policy's
+    # failure, so the episode carries infra_error and SELF-GRPO leaves it out of training
+    assert (infra["has_con"], infra["r_und"], infra["infra_error"]) == (0.0, 1.0, 1.0)
+    assert infra["score"] == pytest.approx(1.25) and infra["score"] < wrong["score"]
+    scores = torch.tensor([[wrong["score"]], [infra["score"]], [wrong["score"] - 0.5]])
+    member = [info["infra_error"] == 0.0 for info in (wrong, infra, wrong)]
+    charged, _ = self_grpo_advantage(scores, torch.ones(3, 1), ["g"] * 3)
+    fair, _ = self_grpo_advantage(scores, torch.ones(3, 1), ["g"] * 3, None, member)
+    assert charged[1, 0] != 0.0  # reason: without the flag the infrastructure failure would move the policy
+    assert fair[1, 0] == 0.0 and fair[0, 0] > 0 > fair[2, 0]
+
+
+def test_an_unjudged_reply_is_the_policys_fault():
+    base = {"pred": ["joy"], "pred_status": "ok", "stated": ["anger"], "stated_status": "ok", "judged": []}
+    # reason: the responder wrote no parsable reply, so nothing was judged: r_con = r_invalid, no infra flag
     model = compute_score("selfemo/meld", "", ["joy"], {"selfemo": {**base, "judged_status": "missing"},
                                                         "next_gold": ["anger"]}, r_invalid=0.0)
-    assert (model["has_con"], model["r_con"]) == (1.0, 0.0)
+    assert (model["has_con"], model["r_con"], model["infra_error"]) == (1.0, 0.0, 0.0)
+    assert model["score"] == pytest.approx(1.25)
+
+
+@pytest.mark.parametrize("flag", [None, 0, "1", [1], 2, float("nan")])
+def test_only_an_exact_infra_flag_marks_an_infrastructure_failure(flag):
+    rec = {"pred": ["joy"], "pred_status": "ok", "infra_error": flag}
+    assert compute_score("selfemo/meld", "", ["joy"], {"selfemo": rec})["infra_error"] == 0.0

@@ -96,7 +96,7 @@ def test_advantage_step_uses_group_consensus_not_per_sample_scores(config, store
     uids = np.array([k.split("_")[0] for k in real], dtype=object)
     scores = torch.tensor([float(fake.rows[("train", k)]["rm_scores"].sum()) for k in real])
     # reason: c_i from the group's label sets via the list-based core function (an independent path)
-    c = np.concatenate([group_consistency([{p} for p in PREDS], "meld", eps=0.1) for _ in GROUPS])
+    c = np.concatenate([group_consistency([{p} for p in PREDS], [True] * 4, "meld", eps=0.1) for _ in GROUPS])
     np.testing.assert_allclose(c[:4], [1, 1, 1, 0.1 / 2.1], atol=1e-9)  # consensus {joy}
     expected, _ = self_grpo_advantage(scores[:, None], torch.ones(len(real), 1), uids, c)
     got = torch.stack([fake.rows[("train", k)]["advantages"][0] for k in real])
@@ -118,6 +118,37 @@ def test_advantage_step_uses_group_consensus_not_per_sample_scores(config, store
     assert fake.rows[("train", "padXYZ_0_0")]["advantages"].abs().sum() == 0
 
 
+def _set_info(fake, key, **changes):
+    fields = fake.rows[("train", key)]["extra_fields"]
+    fake.rows[("train", key)]["extra_fields"] = {**fields, "reward_extra_info": {**fields["reward_extra_info"],
+                                                                                 **changes}}
+
+
+def test_infra_failures_get_zero_advantage_and_unparsed_answers_do_not_vote(config, stored_batch):
+    fake, batch = stored_batch
+    # group A: joy, joy, joy, anger. Episode 1 hit an infrastructure failure (its score is meaningless), episode
+    # 2's answer did not parse (the policy's fault: it keeps its score, but neither votes nor scores consistency)
+    infra_key, unparsed_key = batch.keys[1], batch.keys[2]
+    _set_info(fake, infra_key, infra_error=1.0, score=0.0)
+    _set_info(fake, unparsed_key, parse_ok=0.0, pred_mask=0)
+    metrics = {}
+    _trainer(config)._compute_advantage(batch, metrics)
+
+    adv = {k: fake.rows[("train", k)]["advantages"][0].item() for k in batch.keys}
+    assert adv[infra_key] == 0.0  # reason: DESIGN §3.2, left out of training
+    # reason: independent path: members of group A are episodes 0, 2, 3; the voters 0 and 3 tie (joy vs anger),
+    # so both labels are in M and each voter scores (1 + eps) / (2 + eps); the unparsed episode gets c = 0
+    members = [batch.keys[0], unparsed_key, batch.keys[3]]
+    scores = torch.tensor([float(fake.rows[("train", k)]["rm_scores"].sum()) for k in members])
+    tie = 1.1 / 2.1
+    expected, _ = self_grpo_advantage(scores[:, None], torch.ones(3, 1), ["A"] * 3, [tie, 0.0, tie])
+    got = torch.tensor([adv[k] for k in members])
+    torch.testing.assert_close(got, expected[:, 0], atol=1e-6, rtol=0)
+    real = [t for t in batch.tags if not t.get("is_padding")]
+    assert metrics["selfemo/infra_error_rate"] == pytest.approx(1 / len(real))
+    assert metrics["selfemo/infra_adv_abs_max"] == 0.0
+
+
 def test_advantage_step_without_pred_mask_names_the_row(config, stored_batch):
     fake, batch = stored_batch
     fake.rows[("train", batch.keys[2])]["extra_fields"] = {"reward_extra_info": {"score": 1.0}}
@@ -137,8 +168,9 @@ def test_widest_label_space_gives_the_same_consistency_as_the_own_one():
     # reason: the trainer uses n_labels = 7 for every dataset; IEMOCAP masks (6 bits) must not notice
     rng = np.random.default_rng(0)
     masks, groups = rng.integers(0, 2**6, 200), rng.integers(0, 30, 200)
-    np.testing.assert_array_equal(group_consistency_from_masks(masks, groups, N_LABELS, 0.1),
-                                  group_consistency_from_masks(masks, groups, 6, 0.1))
+    voters = masks > 0
+    np.testing.assert_array_equal(group_consistency_from_masks(masks, voters, groups, N_LABELS, 0.1),
+                                  group_consistency_from_masks(masks, voters, groups, 6, 0.1))
     assert N_LABELS == 7
 
 
