@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.selfemo-installed
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false RAY_AUTH_MODE=disabled
 
-.PHONY: venv test demo clean
+.PHONY: venv test test-fast demo clean
 venv: $(STAMP)
 
 $(STAMP): requirements/cpu.txt requirements/cpu.lock requirements/assets.txt pyproject.toml
@@ -17,6 +17,9 @@ $(STAMP): requirements/cpu.txt requirements/cpu.lock requirements/assets.txt pyp
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 demo: $(STAMP)
 	bash recipes/run_cpu_demo.sh

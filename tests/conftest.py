@@ -19,3 +19,17 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+# `make test-fast` (-m "not slow"): the end-to-end runs of the real verl trainer take minutes each.
+SLOW_FILES = {"test_cpu_e2e_on_cpu.py", "test_rounds_cpu_e2e_on_cpu.py"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: an end-to-end run (minutes); `make test-fast` skips it")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
