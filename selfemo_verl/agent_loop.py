@@ -12,14 +12,28 @@ about labels, speakers and the record handed to the reward lives in the core mod
   the same way and reads the same knobs.
 
 Knobs: `selfemo.agent.{window, self_play_turns, judge_samples, max_tokens.<role>, temperature.<role>}` of the
-trainer config the loop receives (`selfemo_verl/config/selfemo_trainer.yaml` holds the defaults). A role
-temperature replaces the rollout's only for sampled requests: a greedy request (temperature 0, e.g.
-validation) stays greedy.
+trainer config the loop receives (`selfemo_verl/config/selfemo_trainer.yaml` holds the defaults).
+- `window`: one window for all three roles. The recognize prompt is rebuilt from `extra_info.window` cut to its
+  last `window` turns (`prompts.recognize_messages`), not taken from the row's pre-rendered `prompt` (data prep
+  rendered it with its own window); the responder continues that sequence and the judge sees the same turns.
+  A row without a window (single-turn rows, recognize loop only) uses its `raw_prompt` as is.
+- `temperature.<role>`: the judge (never trained) may sample at its own temperature (sampled requests only: a
+  greedy request such as validation stays greedy). A trained role (recognize, respond) must sample at the
+  temperature the actor recomputes its log-probs with (`actor_rollout_ref.rollout.temperature`, verl 0.9.1 v1
+  `PPOTrainer._step_once`), so anything but null or that value is rejected (`check_role_temperatures`, also
+  callable at start-up); trained roles always keep the temperature verl passes (rollout or val_kwargs).
 
-Robustness: a server that raises, an empty or malformed generation, a length cut and an exhausted
-`rollout.response_length` budget end the episode with what it has and `error` set in the record; the output
-always has >= 1 response token (a mask-0 EOS when nothing was generated: verl places the reward on the last
-response position) and `response_ids`, `response_mask`, `response_logprobs` of equal length.
+Failures (DESIGN §3.2): a server call that raised (a timeout included: verl 0.9.1's `LLMServerClient.generate`
+has no timeout of its own, so one arrives as an exception from below), returned stop_reason "aborted", or returned
+an invalid object (not a `TokenOutput`, negative ids, log-probs not aligned with the tokens) at any step, one
+judge sample included, sets `infra_error = 1` in the record; an empty, unparseable or cut answer and an exhausted
+`rollout.response_length` budget are the policy's (`error` set, `infra_error = 0`). Either way the episode ends
+with what it has and never raises into verl: the output always has >= 1 response token (a mask-0 EOS when
+nothing was generated: verl places the reward on the last response position), `response_ids`,
+`response_mask`, `response_logprobs` of equal length, and every field verl reads from a normal output:
+`extra_fields` `global_steps` / `min_global_steps` / `max_global_steps` (ints; verl's v1 metric step casts the
+latter two to int for every row), `turn_scores`, `tool_rewards`. When no trained call answered, there is no
+weight version: the loop reports `global_steps - 1` of the row (`no_answer_weight_version`).
 """
 
 from __future__ import annotations
@@ -34,13 +48,35 @@ from uuid import uuid4
 from omegaconf import OmegaConf
 
 from selfemo_verl.labels import check_label_space
-from selfemo_verl.prompts import judge_messages, role_switch_message
+from selfemo_verl.prompts import judge_messages, recognize_messages, role_switch_message
 from selfemo_verl.selfplay import SelfPlayRecord, SelfPlayTurn, extend_window, recent_turns, responder_name
 from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopMetrics, AgentLoopOutput, register
+from verl.workers.rollout.replica import TokenOutput
 
 logger = logging.getLogger(__name__)
 
 ROLES = ("recognize", "respond", "judge")
+TRAINED_ROLES = ("recognize", "respond")  # their tokens carry mask 1 and are trained
+ABORTED = ("aborted", "abort")  # TokenOutput.stop_reason of a request the server aborted (verl 0.9.1 uses both)
+WEIGHT_KEYS = ("global_steps", "min_global_steps", "max_global_steps")  # server weight versions in extra_fields
+
+
+def check_role_temperatures(config) -> None:
+    """Reject a trained role's temperature that differs from `actor_rollout_ref.rollout.temperature`.
+
+    The actor recomputes old log-probs at the rollout temperature (verl 0.9.1 v1 `PPOTrainer._step_once` sets
+    `batch.extra_info["temperature"]` from it), so a recognize/respond answer sampled at another temperature would
+    be trained off-policy with mismatched log-probs. null means "use the rollout temperature"; the judge is never
+    trained and may use any temperature. Call it at start-up with the full trainer config.
+    """
+    temperatures = OmegaConf.select(config, "selfemo.agent.temperature") or {}
+    rollout = OmegaConf.select(config, "actor_rollout_ref.rollout.temperature")
+    for role in TRAINED_ROLES:
+        value = temperatures.get(role)
+        if value is not None and (rollout is None or float(value) != float(rollout)):
+            raise ValueError(
+                f"selfemo.agent.temperature.{role}={value} differs from actor_rollout_ref.rollout.temperature="
+                f"{rollout}: a trained role must sample at the rollout temperature (set it to null)")
 
 
 @dataclass(frozen=True)
@@ -72,7 +108,22 @@ def agent_knobs(config) -> AgentKnobs:
         raise ValueError(f"bad `selfemo.agent` config section: {exc}") from exc
     if knobs.self_play_turns < 1 or knobs.judge_samples < 1 or min(knobs.max_tokens.values()) < 1:
         raise ValueError(f"`selfemo.agent` needs self_play_turns, judge_samples, max_tokens.* >= 1; got {knobs}")
+    check_role_temperatures(config)
     return knobs
+
+
+def no_answer_weight_version(kwargs: dict) -> int:
+    """The weight version reported when no trained server call answered: the row's `global_steps` - 1, else -1.
+
+    verl 0.9.1's v1 worker passes the batch's `global_steps` (the trainer step that issued the row) to `run()`, and
+    the v1 metric step casts every row's `min_global_steps` / `max_global_steps` to int. The loop cannot read the
+    servers' weight version, but in the synchronous trainer (the only mode `selfemo_verl.main` runs) step s rolls
+    out on the weights pushed by `update_weights(s - 1)` (`PPOTrainerSync.on_init_end` / `on_step_end`), which
+    is what an answering server would have reported; staleness metrics stay at 0, not -1. Without `global_steps`
+    (verl's v0 worker, which does not cast) -1, verl's "not available".
+    """
+    steps = kwargs.get("global_steps")
+    return int(steps) - 1 if steps is not None else -1
 
 
 @dataclass(frozen=True)
@@ -103,6 +154,11 @@ def read_row(kwargs: dict, need_window: bool) -> Row:
                next_speaker=info.get("next_speaker"))
 
 
+def recognize_prompt(row: Row, window: list) -> list:
+    """The recognize messages on the knob's `window` (the same turns every role sees); the row's prompt without one."""
+    return recognize_messages(window, row.label_space) if window else list(row.messages)
+
+
 @dataclass
 class Episode:
     """Mutable token state of the trained sequence (prompt + response so far) and the episode's record."""
@@ -113,7 +169,7 @@ class Episode:
     ids: list = field(default_factory=list)
     mask: list = field(default_factory=list)
     logprobs: list | None = None
-    server_fields: dict = field(default_factory=dict)
+    server_fields: dict = field(default_factory=dict)  # weight versions etc. of the trained calls that answered
     generate_s: float = 0.0
     num_preempted: int = -1
     cut: bool = False  # the last trained answer used its whole token budget without EOS
@@ -135,12 +191,12 @@ class SelfPlayAgentLoop(AgentLoopBase):
 
     async def run(self, sampling_params: dict[str, Any], **kwargs) -> AgentLoopOutput:
         row = read_row(kwargs, need_window=self.mode == "self_play")
+        window = recent_turns(row.window, self.knobs.window)  # the one window all three roles see
         ep = Episode(request_id=uuid4().hex, record=SelfPlayRecord(row.label_space, self.mode),
-                     messages=list(row.messages), logprobs=[] if sampling_params.get("logprobs") else None)
-        # 1. recognize: the row's prompt, tokenized once; the answer is trained (mask 1) -> P_t.
+                     messages=recognize_prompt(row, window), logprobs=[] if sampling_params.get("logprobs") else None)
+        # 1. recognize: the window's prompt, tokenized once; the answer is trained (mask 1) -> P_t.
         ep.ids = await self.ct_build_initial_tokens(ep.messages)
         ep.record.recognize_text = await self._trained_turn(ep, "recognize", sampling_params)
-        window = recent_turns(row.window, self.knobs.window)
         speaker = responder_name(window, row.next_speaker)
         turns = self.knobs.self_play_turns if self.mode == "self_play" else 0
         for _ in range(turns if ep.record.recognize_text is not None else 0):
@@ -157,7 +213,7 @@ class SelfPlayAgentLoop(AgentLoopBase):
             window = recent_turns(extend_window(window, turn), self.knobs.window)
             speaker = responder_name(window)
         # 5. one output, truncated to rollout.response_length, with the parsed record for the reward.
-        return self._output(ep)
+        return self._output(ep, no_answer_weight_version(kwargs))
 
     async def _respond(self, ep: Episode, speaker: str, label_space: str, sampling_params) -> SelfPlayTurn | None:
         """Append the role switch (mask 0) and generate the responder's answer; None when it could not run."""
@@ -182,8 +238,11 @@ class SelfPlayAgentLoop(AgentLoopBase):
         calls = [self._generate(ep, f"{base}-judge{i}", prompt, params, trained=False)
                  for i in range(self.knobs.judge_samples)]
         outs = await asyncio.gather(*calls)
-        # None = the server returned nothing (infrastructure); an empty generation is the model's answer ("empty")
-        turn.read_judge([self._decode(out[0]) if out is not None else None for out, _ in outs], label_space)
+        # None = the server returned nothing usable (infrastructure); an empty generation is the model's ("empty")
+        turn.read_judge([out[2] if out is not None else None for out, _ in outs], label_space)
+        errors = [error for out, error in outs if out is None]
+        if errors:
+            ep.record.infra_fail(f"judge: {len(errors)}/{len(outs)} samples failed: {errors[0]}")
 
     async def _trained_turn(self, ep: Episode, role: str, sampling_params) -> str | None:
         """Generate one trained answer on the episode's token state (mask 1); its decoded text, or None."""
@@ -193,25 +252,29 @@ class SelfPlayAgentLoop(AgentLoopBase):
             return None
         params = self._params(sampling_params, role, min(self.knobs.max_tokens[role], budget))
         out, error = await self._generate(ep, ep.request_id, ep.ids, params, trained=True)
-        if out is None or not out[0]:
-            ep.record.fail(f"{role}: {error or 'empty generation'}")
+        if out is None:  # the server's fault: raised, aborted or invalid
+            ep.record.infra_fail(f"{role}: {error}")
             return None
-        tokens, logprobs = out
+        if not out[0]:  # the model's answer was empty
+            ep.record.fail(f"{role}: empty generation")
+            return None
+        tokens, logprobs, text = out
         ep.cut = len(tokens) >= params["max_tokens"] and tokens[-1] != self.eos_id
         merge, ep.mask, ep.logprobs = await self.ct_merge_assistant_token(
             ep.ids, tokens, ep.mask, ep.logprobs, assistant_logprobs=logprobs)
         ep.ids = merge.token_ids
-        text = self._decode(tokens)
         ep.messages = [*ep.messages, {"role": "assistant", "content": text}]
         return text
 
     async def _generate(self, ep: Episode, request_id: str, prompt_ids: list, params: dict, trained: bool):
-        """One server call -> ((tokens, logprobs), None) or (None, reason); never raises."""
+        """One server call -> ((tokens, logprobs, text), None), or (None, reason) on an infrastructure failure.
+
+        Never raises."""
         start = time.perf_counter()
         try:
             output = await self.server_manager.generate(request_id=request_id, prompt_ids=prompt_ids,
                                                         sampling_params=params)
-        except Exception as exc:  # a rollout server may fail in any way; the episode must still return
+        except Exception as exc:  # a rollout server may fail in any way (a timeout included); the episode returns
             logger.warning("selfemo agent loop: server error on %s: %r", request_id, exc)
             return None, f"server error {type(exc).__name__}: {exc}"[:300]
         finally:
@@ -219,35 +282,47 @@ class SelfPlayAgentLoop(AgentLoopBase):
         return self._checked(output, params, ep if trained else None)
 
     def _checked(self, output, params: dict, ep: Episode | None):
-        """Validate a TokenOutput: ids >= 0, at most max_tokens, logprobs aligned when the trained turn wants them."""
+        """Validate a TokenOutput: not aborted, ids >= 0 and decodable, at most max_tokens, logprobs aligned when
+        wanted; decode it."""
+        if not isinstance(output, TokenOutput):
+            return None, f"invalid server output: {type(output).__name__}, not a TokenOutput"
+        if output.stop_reason in ABORTED:
+            return None, f"server aborted the request (stop_reason {output.stop_reason!r})"
         want = ep is not None and ep.logprobs is not None
         try:
             tokens = [int(t) for t in output.token_ids][: params["max_tokens"]]
             logprobs = [float(x) for x in output.log_probs][: len(tokens)] if want else None
-            fields, preempted = dict(output.extra_fields or {}), output.num_preempted
-        except Exception as exc:  # server output is untrusted: a garbage object instead of a TokenOutput
+            fields = dict(output.extra_fields or {})
+            preempted = None if output.num_preempted is None else int(output.num_preempted)
+            bad_logprobs = want and (len(logprobs) != len(tokens) or any(x != x for x in logprobs))  # x != x: NaN
+            if any(t < 0 for t in tokens) or bad_logprobs:
+                return None, "invalid server output (negative ids, unaligned or NaN logprobs)"
+            text = self._decode(tokens)  # an id no tokenizer has (e.g. 2**40) raises here, not later in verl
+        except Exception as exc:  # server output is untrusted: wrong types (pydantic checks only at init), bad ids
             return None, f"invalid server output {type(exc).__name__}: {exc}"[:300]
-        if any(t < 0 for t in tokens) or (want and len(logprobs) != len(tokens)):
-            return None, "invalid server output (negative ids or unaligned logprobs)"
         if ep is not None:
             self._absorb_server_fields(ep, fields, preempted)
-        return (tokens, logprobs), None
+        return (tokens, logprobs, text), None
 
     @staticmethod
     def _absorb_server_fields(ep: Episode, fields: dict, preempted) -> None:
-        """Keep the first call's server extra_fields (weight versions etc.) and the latest max_global_steps."""
+        """Keep the first trained call's server extra_fields (weight versions etc.) and the latest max_global_steps."""
         if not ep.server_fields:
             ep.server_fields = fields
         elif fields.get("max_global_steps") is not None:
             ep.server_fields["max_global_steps"] = fields["max_global_steps"]
         if preempted is not None:
-            ep.num_preempted = max(ep.num_preempted, 0) + int(preempted)
+            ep.num_preempted = max(ep.num_preempted, 0) + preempted
 
     def _params(self, sampling_params: dict, role: str, max_tokens: int) -> dict:
-        """Per-role copy of verl's sampling params: max_tokens, and the role temperature when sampling."""
+        """Per-role copy of verl's sampling params: max_tokens, and the judge's temperature when sampling.
+
+        Trained roles keep verl's temperature (check_role_temperatures allows them no other).
+        """
         params = dict(sampling_params, max_tokens=int(max_tokens))
         role_temperature = self.knobs.temperature[role]
-        if role_temperature is not None and float(params.get("temperature") or 0.0) > 0.0:
+        sampled = float(params.get("temperature") or 0.0) > 0.0
+        if role not in TRAINED_ROLES and role_temperature is not None and sampled:
             params["temperature"] = float(role_temperature)
         return params
 
@@ -261,13 +336,16 @@ class SelfPlayAgentLoop(AgentLoopBase):
     def _decode(self, tokens: list) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
-    def _output(self, ep: Episode) -> AgentLoopOutput:
-        """Split prompt/response, guarantee >= 1 response token, truncate all three lists alike."""
+    def _output(self, ep: Episode, no_answer_version: int) -> AgentLoopOutput:
+        """Split prompt/response, guarantee >= 1 response token, truncate all three lists alike; fill every
+        weight-version field a server that answered would have set (verl casts them to int)."""
         if not ep.mask:  # nothing generated: one mask-0 EOS so verl has a last position for the reward
             ep.ids, ep.mask = [*ep.ids, self.eos_id], [0]
             ep.logprobs = None if ep.logprobs is None else [0.0]
         n, cap = len(ep.mask), self.response_length
-        extra = {**ep.server_fields, "turn_scores": [], "tool_rewards": [], "selfemo": ep.record.as_fields()}
+        versions = {key: no_answer_version for key in WEIGHT_KEYS if ep.server_fields.get(key) is None}
+        extra = {**ep.server_fields, **versions, "turn_scores": [], "tool_rewards": [],
+                 "selfemo": ep.record.as_fields()}
         return AgentLoopOutput(
             prompt_ids=ep.ids[: len(ep.ids) - n], response_ids=ep.ids[-n:][:cap], response_mask=ep.mask[:cap],
             response_logprobs=None if ep.logprobs is None else ep.logprobs[:cap],

@@ -1,7 +1,8 @@
 """The three role prompts of a self-play episode (DESIGN.md §4) and the reply parser.
 
 Core module: no verl. A `window` is a list of {"speaker": str, "text": str}, oldest first; its last turn is
-the utterance whose emotion is asked for. Assumption: the paper's prompts are not available; these are ours.
+the utterance whose emotion is asked for. The agent loop cuts one window (`selfemo.agent.window` turns) and
+hands the same turns to all three roles. Assumption: the paper's prompts are not available; these are ours.
 
 - recognize: system + dialogue window + "what emotion(s) does <speaker> express in the last turn?"
 - respond:   a role switch ("now reply as <next speaker>; state your emotion, then the reply")

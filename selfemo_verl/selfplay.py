@@ -6,8 +6,13 @@ flywheel read is made here. Model output is untrusted: nothing here raises on it
 
 Episode record (the contract documented in `selfemo_verl/reward.py`; a key is absent when its step did not run):
 label_space, pred, pred_status, [stated, stated_status, reply, reply_status, reply_speaker, judged,
-judged_status, judge_agreement], later_turns (turns 2..T, same keys), error (str reason or None), plus
-mode ("self_play" | "recognize").
+judged_status, judge_agreement], later_turns (turns 2..T, same keys), error (str reason or None),
+infra_error (int 0/1), plus mode ("self_play" | "recognize").
+
+Two kinds of failure, never confused (DESIGN §3.2): `infra_error = 1` when a server call of the episode raised,
+timed out, aborted or returned an invalid object at any step, one judge sample included (the agent loop calls
+`SelfPlayRecord.infra_fail`; a judge sample that never came back also sets it through its turn); the policy's own
+failures (empty, unparseable or cut answers) only set `error` and the parse statuses, with `infra_error = 0`.
 
 Assumption: the paper gives no rule for multi-turn self-play; we alternate speakers (the responder of turn k+1 is
 the most recent speaker other than the one who just spoke) and judge every synthetic turn blind.
@@ -102,6 +107,7 @@ class SelfPlayTurn:
     judged: frozenset = frozenset()
     judged_status: str = MISSING
     judge_agreement: float = 0.0
+    judge_failures: int = 0  # judge samples the server never returned (infrastructure, not the policy)
 
     def read_answer(self, text, label_space: str) -> None:
         """Parse the responder's answer (`None`: no answer) into the stated emotion and the reply."""
@@ -114,7 +120,9 @@ class SelfPlayTurn:
         """Majority-vote the judge samples' answers (`None` entries: samples the server never returned).
 
         When no sample came back at all the turn is JUDGE_ERROR: an infrastructure failure, not the policy's.
+        Every missing sample is counted in `judge_failures`, which marks the episode `infra_error`.
         """
+        self.judge_failures = sum(1 for t in texts if t is None)
         if texts and all(t is None for t in texts):
             self.judged, self.judged_status, self.judge_agreement = frozenset(), JUDGE_ERROR, 0.0
             return
@@ -139,11 +147,27 @@ class SelfPlayRecord:
     recognize_text: str | None = None
     turns: list[SelfPlayTurn] = field(default_factory=list)
     error: str | None = None
+    infra: bool = False  # a server call failed (raised, timed out, aborted, invalid object): not the policy's fault
 
     def fail(self, reason: str) -> None:
-        """Record why the episode ended early (the first reason wins)."""
+        """Record why the episode ended early, the policy's fault (the first reason wins)."""
         if self.error is None:
             self.error = reason
+
+    def infra_fail(self, reason: str) -> None:
+        """Record an infrastructure failure; its reason replaces a policy reason, the first infra reason wins.
+
+        >>> rec = SelfPlayRecord("meld", "self_play"); rec.fail("respond: empty generation")
+        >>> rec.infra_fail("judge: 1/2 samples failed: server error"); rec.infra_fail("later")
+        >>> rec.error, rec.as_fields()["infra_error"]
+        ('judge: 1/2 samples failed: server error', 1)
+        """
+        if not self.infra:
+            self.infra, self.error = True, reason
+
+    def infra_error(self) -> int:
+        """1 iff any server call of the episode failed, a single judge sample included; else 0."""
+        return int(self.infra or any(turn.judge_failures for turn in self.turns))
 
     def as_fields(self) -> dict:
         """The reward's dict: recognition, the first turn at top level, turns 2..T under `later_turns`.
@@ -160,6 +184,7 @@ class SelfPlayRecord:
             fields.update(self.turns[0].as_fields())
         fields["later_turns"] = [turn.as_fields() for turn in self.turns[1:]]
         fields["error"] = self.error
+        fields["infra_error"] = self.infra_error()
         return fields
 
 

@@ -60,6 +60,30 @@ class FakeTransferQueue:
         return TensorDict(out, batch_size=[len(keys)])
 
 
+class AsyncFakeTransferQueue(FakeTransferQueue):
+    """FakeTransferQueue plus the calls verl 0.9.1's v1 agent-loop worker makes (`AgentLoopWorkerTQ`):
+    `init()`, `async_kv_put(key, partition_id, fields=None, tag=None)` (a prompt's status tag) and
+    `async_kv_batch_put(keys, partition_id, fields=None, tags=None)` (the episode rows and their tags). Tags are kept
+    per key in `tags`, as TransferQueue keeps them for the ReplayBuffer that hands them to the trainer as
+    `KVBatchMeta.tags`. Patch it in as `verl.trainer.ppo.v1.agent_loop_tq.tq` (and `trainer_base.tq`).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.tags: dict[tuple[str, str], dict] = {}
+
+    def init(self, conf=None):
+        return conf
+
+    async def async_kv_put(self, key, partition_id, fields=None, tag=None, data_parser=None):
+        self.tags.setdefault((partition_id, key), {}).update(tag or {})
+
+    async def async_kv_batch_put(self, keys, partition_id, fields=None, tags=None, data_parser=None):
+        for key, tag in zip(keys, tags or [{}] * len(keys), strict=True):
+            self.tags.setdefault((partition_id, key), {}).update(tag)
+        return self.kv_batch_put(keys, partition_id, fields=fields)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Agent-loop boundaries (tests/test_agent_loop_on_cpu.py, benchmarks/bench_agent_tokens.py)
 # ---------------------------------------------------------------------------------------------------------------
@@ -113,20 +137,38 @@ def qwen_tokenizer(cache_dir):
     return AutoTokenizer.from_pretrained(target)
 
 
+def as_client_output(output):
+    """What verl 0.9.1's `LLMServerClient.generate` does to a server's `TokenOutput` before an agent loop sees it.
+
+    It reads `output.extra_fields["global_steps"]` (the server's weight version; an object without `extra_fields`
+    makes the real client raise AttributeError, and so does this) and `setdefault`s `min_global_steps` and
+    `max_global_steps` to it; everything else (token_ids, log_probs, stop_reason, num_preempted) passes unchanged.
+    """
+    global_steps = output.extra_fields.get("global_steps")
+    output.extra_fields.setdefault("min_global_steps", global_steps)
+    output.extra_fields.setdefault("max_global_steps", global_steps)
+    return output
+
+
 class ScriptedServer:
     """Replaces verl 0.9.1's `LLMServerClient.generate(request_id, *, prompt_ids, sampling_params, ...) -> TokenOutput`.
 
     Answers from two scripts: `trained` for the episode's own request id, `judge` for request ids containing
-    "-judge". A script item is a str (encoded with `tokenizer`, EOS appended, logprob -0.5 per token), a
-    `TokenOutput` (returned as is), an exception instance (raised) or a callable(prompt_ids, params) returning one
-    of these. An exhausted script repeats its last item. Every call is recorded in `calls` as
-    (request_id, prompt_ids, sampling_params, token_ids).
+    "-judge". A script item is a str, a `TokenOutput` or other object (the server's raw return), an exception
+    instance (raised) or a callable(prompt_ids, params) returning one of these. An exhausted script repeats its
+    last item. A str becomes what a vLLM/HF rollout server returns for a finished answer: the text's ids + EOS,
+    log-probs (-0.5 per token) only when `sampling_params["logprobs"]` asks for them (else None),
+    stop_reason "completed" (vLLM reports a length cut as "completed" too), num_preempted None and
+    extra_fields {"global_steps": global_steps}. Every return then passes through `as_client_output`, exactly as
+    in the real client (a scripted TokenOutput is copied first: a real server returns a fresh object per call).
+    Every call is recorded in `calls` as (request_id, prompt_ids, sampling_params, token_ids).
     """
 
-    def __init__(self, tokenizer, trained=(), judge=("<emotion>neutral</emotion>",)):
+    def __init__(self, tokenizer, trained=(), judge=("<emotion>neutral</emotion>",), global_steps=7):
         self.tokenizer = tokenizer
         self.scripts = {"trained": list(trained), "judge": list(judge)}
         self.used = {"trained": 0, "judge": 0}
+        self.global_steps = global_steps
         self.calls = []
 
     def _next(self, channel):
@@ -139,6 +181,15 @@ class ScriptedServer:
         ids = self.tokenizer.encode(text, add_special_tokens=False) + [self.tokenizer.eos_token_id]
         return ids
 
+    def server_output(self, text, sampling_params):
+        """The rollout server's TokenOutput for a finished answer `text` (before the client's post-processing)."""
+        from verl.workers.rollout.replica import TokenOutput
+
+        ids = self.encode_answer(text)
+        logprobs = [-0.5] * len(ids) if sampling_params.get("logprobs") else None
+        return TokenOutput(token_ids=ids, log_probs=logprobs, stop_reason="completed",
+                           extra_fields={"global_steps": self.global_steps})
+
     async def generate(self, request_id, *, prompt_ids, sampling_params, image_data=None, video_data=None,
                        audio_data=None, mm_processor_kwargs=None, **kwargs):
         from verl.workers.rollout.replica import TokenOutput
@@ -146,27 +197,31 @@ class ScriptedServer:
         item = self._next("judge" if "-judge" in request_id else "trained")
         if callable(item) and not isinstance(item, (str, TokenOutput)):
             item = item(list(prompt_ids), dict(sampling_params))
-        if isinstance(item, BaseException):
-            self.calls.append((request_id, list(prompt_ids), dict(sampling_params), None))
-            raise item
         if isinstance(item, str):
-            ids = self.encode_answer(item)
-            item = TokenOutput(token_ids=ids, log_probs=[-0.5] * len(ids), stop_reason="completed",
-                               extra_fields={"global_steps": 7})
-        answer = list(getattr(item, "token_ids", None) or [])
-        self.calls.append((request_id, list(prompt_ids), dict(sampling_params), answer))
-        return item
+            item = self.server_output(item, sampling_params)
+        elif isinstance(item, TokenOutput):
+            item = item.model_copy(deep=True)
+        raised = isinstance(item, BaseException)
+        tokens = None if raised else getattr(item, "token_ids", None)
+        self.calls.append((request_id, list(prompt_ids), dict(sampling_params),
+                           list(tokens) if isinstance(tokens, list) else tokens))
+        if raised:
+            raise item
+        return as_client_output(item)
 
 
 class HFModelServer:
     """Replaces verl 0.9.1's rollout server behind `LLMServerClient.generate` with in-process transformers generate.
 
-    Same interface and return type (`TokenOutput` with token ids, per-token log-probs of the sampled tokens under
-    the sampling temperature, stop_reason "completed"); honours `max_tokens`, `temperature` (0 = greedy), `top_p`.
-    Generation is seeded per call, so a test run is reproducible. CPU only; meant for tiny models.
+    Same interface and return as the real client over the project's HF rollout server (`selfemo_verl/cpu`):
+    `TokenOutput` with token ids, per-token log-probs of the sampled tokens under the sampling temperature (only
+    when `sampling_params["logprobs"]` asks, else None), stop_reason "completed", num_preempted None, and
+    extra_fields {"global_steps", "min_global_steps", "max_global_steps"} (`as_client_output`); honours
+    `max_tokens`, `temperature` (0 = greedy), `top_p`. Generation is seeded per call, so a test run is
+    reproducible. CPU only; meant for tiny models.
     """
 
-    def __init__(self, model_dir, seed=0):
+    def __init__(self, model_dir, seed=0, global_steps=0):
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -174,6 +229,7 @@ class HFModelServer:
         self.eos = self.model.generation_config.eos_token_id
         self.pad = self.model.generation_config.pad_token_id
         self.seed = seed
+        self.global_steps = global_steps
         self.calls = []
 
     async def generate(self, request_id, *, prompt_ids, sampling_params, image_data=None, video_data=None,
@@ -197,7 +253,10 @@ class HFModelServer:
         logits = torch.stack(out.logits, 1)[0].float() / (temperature if temperature > 0 else 1.0)
         logprobs = torch.log_softmax(logits, -1).gather(-1, new[:, None]).squeeze(-1)
         self.calls.append((request_id, list(prompt_ids), dict(sampling_params), new.tolist()))
-        return TokenOutput(token_ids=new.tolist(), log_probs=logprobs.tolist(), stop_reason="completed")
+        output = TokenOutput(token_ids=new.tolist(), stop_reason="completed",
+                             log_probs=logprobs.tolist() if sampling_params.get("logprobs") else None,
+                             extra_fields={"global_steps": self.global_steps})
+        return as_client_output(output)
 
 
 class InlineRewardWorker:

@@ -2,22 +2,29 @@
 
 Adapter contracts with fakes (tests/fakes.py): the trained sequence's exact token/mask layout with the real Qwen
 vocabulary and verl's Qwen continuous-token builder, the blind judge kept out of the sequence, the record the
-reward reads, and every failure mode ending in a valid AgentLoopOutput. Wiring: a parquet row's `agent_name`
-selects the loop inside verl's own AgentLoopWorker, whose streaming reward path scores it with our reward.
+reward reads, one dialogue window for all three roles, the trained-role temperature rule, and every failure
+mode ending in a valid AgentLoopOutput whose record tells infrastructure failures (`infra_error`) from the
+policy's own. Wiring: a parquet row's `agent_name` selects the loop inside verl's own AgentLoopWorker, whose
+streaming reward path scores it with our reward. (verl's v1 post-processing and metric casts on failed episodes:
+tests/test_agent_loop_verl_postprocess_on_cpu.py.)
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import math
 from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
 
 import pytest
 from omegaconf import OmegaConf
 
-from selfemo_verl.agent_loop import RecognizeAgentLoop, SelfPlayAgentLoop
+from selfemo_verl.agent_loop import RecognizeAgentLoop, SelfPlayAgentLoop, check_role_temperatures
 from selfemo_verl.labels import parse_emotions
-from selfemo_verl.prompts import recognize_messages, role_switch_message
+from selfemo_verl.prompts import format_dialogue, recognize_messages, role_switch_message
 from selfemo_verl.reward import compute_score
 from verl.experimental.agent_loop.agent_loop import DictConfigWrap
 from verl.utils.dataset.rl_dataset import RLHFDataset
@@ -38,6 +45,8 @@ WINDOW = [
     {"speaker": "Rachel", "text": "Oh my God, that is amazing!"},
 ]
 ROW = {"window": WINDOW, "label_space": "meld", "next_speaker": "Ross", "next_gold": ["joy"], "index": 3}
+STEP = 5  # the trainer step verl's v1 worker passes to run() as `global_steps`
+SERVER_STEPS = 7  # the weight version ScriptedServer reports (its default)
 RECOGNIZE = "<emotion>joy</emotion>"
 RESPOND = "<emotion>surprise</emotion><reply>I know, I can't believe it!</reply>"
 JUDGE = "<emotion>surprise</emotion>"
@@ -48,11 +57,13 @@ def tok():
     return qwen_tokenizer(QWEN_TOK_DIR)
 
 
-def trainer_config(response_length=512, prompt_length=1024, **agent):
+def trainer_config(response_length=512, prompt_length=1024, rollout_temperature=1.0, **agent):
     """verl's keys the loop reads + `selfemo.agent` from the project YAML with `agent` overrides."""
     knobs = OmegaConf.merge(OmegaConf.load(YAML).selfemo.agent, agent)
+    rollout = {"prompt_length": prompt_length, "response_length": response_length,
+               "temperature": rollout_temperature}
     return OmegaConf.create({
-        "actor_rollout_ref": {"rollout": {"prompt_length": prompt_length, "response_length": response_length}},
+        "actor_rollout_ref": {"rollout": rollout},
         "data": {"apply_chat_template_kwargs": {}},
         "selfemo": {"agent": knobs},
     })
@@ -64,10 +75,12 @@ def make_loop(tok, server, cls=SelfPlayAgentLoop, config=None):
                dataset_cls=RLHFDataset, data_config=DictConfigWrap(config.data), hf_model_type="qwen3")
 
 
-async def run_episode(loop, row=ROW, params=None):
+async def run_episode(loop, row=ROW, params=None, raw_prompt=None):
+    """One episode with the kwargs verl 0.9.1's v1 worker passes (`global_steps` = STEP among them)."""
     params = {"temperature": 1.0, "top_p": 1.0, "logprobs": True} if params is None else params
-    return await loop.run(params, raw_prompt=recognize_messages(WINDOW, "meld"),
-                          extra_info=dict(row), data_source="selfemo/meld", index=row["index"])
+    raw_prompt = recognize_messages(WINDOW, "meld") if raw_prompt is None else raw_prompt
+    return await loop.run(params, raw_prompt=raw_prompt, extra_info=dict(row), data_source="selfemo/meld",
+                          index=row["index"], global_steps=STEP)
 
 
 def assert_valid(out, response_length):
@@ -171,18 +184,69 @@ async def test_two_self_play_turns_alternate_speakers_and_judge_the_extended_dia
     assert "Ross: I know, I can't believe it!" in judge_prompts[1]  # turn 1's reply is context for turn 2
 
 
-async def test_role_max_tokens_and_temperature_reach_the_server_and_greedy_stays_greedy(tok):
+async def test_role_max_tokens_and_judge_temperature_reach_the_server_and_greedy_stays_greedy(tok):
     config = trainer_config(max_tokens={"recognize": 11, "respond": 22, "judge": 33},
-                            temperature={"recognize": 0.3, "respond": 0.9, "judge": None})
+                            temperature={"recognize": None, "respond": 1.0, "judge": 0.3})
     server = ScriptedServer(tok, trained=[RECOGNIZE, RESPOND], judge=[JUDGE])
     await run_episode(make_loop(tok, server, config=config))
     params = [c[2] for c in server.calls]
     assert [p["max_tokens"] for p in params] == [11, 22, 33]
-    assert [p["temperature"] for p in params] == [0.3, 0.9, 1.0]  # judge: null -> the rollout's
+    assert [p["temperature"] for p in params] == [1.0, 1.0, 0.3]  # trained: the rollout's; judge: its own
     assert params[2]["logprobs"] is False
     greedy = ScriptedServer(tok, trained=[RECOGNIZE, RESPOND], judge=[JUDGE])
     await run_episode(make_loop(tok, greedy, config=config), params={"temperature": 0, "logprobs": False})
     assert [c[2]["temperature"] for c in greedy.calls] == [0, 0, 0]
+    sampled_val = ScriptedServer(tok, trained=[RECOGNIZE, RESPOND], judge=[JUDGE])
+    await run_episode(make_loop(tok, sampled_val, config=config), params={"temperature": 0.6, "logprobs": False})
+    # reason: trained roles keep verl's temperature (val_kwargs here), never the config's copy of the rollout's
+    assert [c[2]["temperature"] for c in sampled_val.calls] == [0.6, 0.6, 0.3]
+
+
+@pytest.mark.parametrize("role", ["recognize", "respond"])
+def test_trained_role_temperature_off_the_rollout_temperature_is_rejected(tok, role):
+    config = trainer_config(rollout_temperature=1.0, temperature={role: 0.7})
+    message = rf"selfemo.agent.temperature.{role}=0.7 differs from actor_rollout_ref.rollout.temperature=1.0"
+    with pytest.raises(ValueError, match=message):
+        check_role_temperatures(config)  # the start-up check
+    with pytest.raises(ValueError, match=message):
+        make_loop(tok, ScriptedServer(tok), config=config)  # agent_knobs
+
+
+def test_judge_temperature_may_differ_and_null_or_equal_trained_temperatures_pass(tok):
+    config = trainer_config(rollout_temperature=0.8, temperature={"recognize": None, "respond": 0.8, "judge": 0.2})
+    check_role_temperatures(config)
+    make_loop(tok, ScriptedServer(tok), config=config)
+    check_role_temperatures(OmegaConf.load(YAML))  # reason: the YAML's nulls need no rollout temperature
+
+
+# ---------------------------------------------------------------- one dialogue window for all three roles
+
+LONG_WINDOW = [{"speaker": s, "text": f"turn {i} text"} for i, s in enumerate(["Ross", "Rachel", "Joey", "Monica"])]
+
+
+async def test_window_knob_cuts_the_dialogue_alike_for_recognizer_responder_and_judge(tok):
+    server = ScriptedServer(tok, trained=[RECOGNIZE, RESPOND], judge=[JUDGE])
+    row = {**ROW, "window": LONG_WINDOW, "next_speaker": "Ross"}
+    # the parquet's pre-rendered prompt shows all 4 turns (data prep's window); the knob says 2
+    await run_episode(make_loop(tok, server, config=trainer_config(window=2)), row=row,
+                      raw_prompt=recognize_messages(LONG_WINDOW, "meld"))
+    (_, recognize, _, _), (_, respond, _, _), (_, judge, _, _) = server.calls
+    last_two = f"Dialogue:\n{format_dialogue(LONG_WINDOW[2:])}\n"
+    reply = "Ross: I know, I can't believe it!"
+    for prompt, shown in ((recognize, last_two + "\n"), (respond, last_two + "\n"), (judge, last_two + reply)):
+        text = tok.decode(prompt)
+        assert shown in text and text.count("Dialogue:") == 1  # the responder continues the same sequence
+        assert "turn 0 text" not in text and "turn 1 text" not in text
+    assert "What emotion(s) does Monica express" in tok.decode(recognize)
+
+
+async def test_recognize_loop_uses_the_same_window_knob(tok):
+    server = ScriptedServer(tok, trained=[RECOGNIZE])
+    row = {**ROW, "window": LONG_WINDOW}
+    await run_episode(make_loop(tok, server, cls=RecognizeAgentLoop, config=trainer_config(window=2)), row=row,
+                      raw_prompt=recognize_messages(LONG_WINDOW, "meld"))
+    text = tok.decode(server.calls[0][1])
+    assert f"Dialogue:\n{format_dialogue(LONG_WINDOW[2:])}\n\n" in text and "turn 1 text" not in text
 
 
 async def test_recognize_loop_runs_step_1_only_with_the_same_record_shape(tok):
@@ -201,10 +265,13 @@ def test_missing_selfemo_section_is_a_clear_config_error(tok):
         make_loop(tok, ScriptedServer(tok), config=config)
 
 
-async def test_recognize_loop_needs_no_dialogue_window(tok):
-    loop = make_loop(tok, ScriptedServer(tok, trained=[RECOGNIZE]), cls=RecognizeAgentLoop)
+async def test_recognize_loop_needs_no_dialogue_window_and_then_uses_the_rows_prompt(tok):
+    server = ScriptedServer(tok, trained=[RECOGNIZE])
+    loop = make_loop(tok, server, cls=RecognizeAgentLoop, config=trainer_config(window=1))
     out = await run_episode(loop, row={**ROW, "window": None, "next_speaker": None})
     assert out.extra_fields["selfemo"]["pred"] == ["joy"]
+    # reason: single-turn rows have no window to cut: the pre-rendered prompt (both turns) is sent as is
+    assert f"Dialogue:\n{format_dialogue(WINDOW)}\n\n" in tok.decode(server.calls[0][1])
 
 
 async def test_self_play_row_without_window_raises_naming_the_row(tok):
@@ -221,32 +288,87 @@ async def test_malformed_row_raises_naming_the_row(tok):
 
 # ---------------------------------------------------------------- robustness: every failure returns a valid output
 
+ABORTED_EMPTY = TokenOutput(token_ids=[], log_probs=None, stop_reason="aborted", extra_fields={"global_steps": 7})
+ABORTED_PARTIAL = TokenOutput(token_ids=[27, 1, 2], log_probs=[-0.1] * 3, stop_reason="aborted",
+                              extra_fields={"global_steps": 7})
+
+
+def _not_a_token_output(ids, params):
+    # passes the real client (it has extra_fields) but is no TokenOutput
+    return SimpleNamespace(token_ids=[5, 6], log_probs=[0.0, 0.0], stop_reason="completed", extra_fields={})
+
+
 FAILURES = {
-    # name: (trained script, judge script, expected error prefix or None, expected pred_status)
-    "server_raises_at_recognize": ([RuntimeError("replica died")], [JUDGE], "recognize: server error", "missing"),
-    "server_raises_at_respond": ([RECOGNIZE, RuntimeError("boom")], [JUDGE], "respond: server error", "ok"),
-    "server_raises_at_judge": ([RECOGNIZE, RESPOND], [RuntimeError("judge down")], None, "ok"),
-    "empty_generation": ([TokenOutput(token_ids=[], log_probs=[])], [JUDGE], "recognize: empty", "missing"),
+    # name: (trained script, judge script, expected error prefix or None, expected pred_status, infra_error)
+    "server_raises_at_recognize": ([RuntimeError("replica died")], [JUDGE], "recognize: server error", "missing", 1),
+    "server_times_out_at_recognize": ([asyncio.TimeoutError()], [JUDGE], "recognize: server error TimeoutError",
+                                      "missing", 1),
+    "every_call_raises": ([RuntimeError("down")], [RuntimeError("down")], "recognize: server error", "missing", 1),
+    "server_raises_at_respond": ([RECOGNIZE, RuntimeError("boom")], [JUDGE], "respond: server error", "ok", 1),
+    "server_raises_at_judge": ([RECOGNIZE, RESPOND], [RuntimeError("judge down")], "judge: 1/1 samples failed",
+                               "ok", 1),
+    "aborted_at_recognize": ([ABORTED_EMPTY], [JUDGE], "recognize: server aborted", "missing", 1),
+    "aborted_with_tokens_at_respond": ([RECOGNIZE, ABORTED_PARTIAL], [JUDGE], "respond: server aborted", "ok", 1),
+    "aborted_judge": ([RECOGNIZE, RESPOND], [ABORTED_EMPTY], "judge: 1/1 samples failed: server aborted", "ok", 1),
     "negative_token_ids": ([TokenOutput(token_ids=[-3, 5], log_probs=[0.0, 0.0])], [JUDGE], "recognize: invalid",
-                           "missing"),
+                           "missing", 1),
     "unaligned_logprobs": ([TokenOutput(token_ids=[5, 6, 7], log_probs=[0.0])], [JUDGE], "recognize: invalid",
-                           "missing"),
-    "not_a_token_output": ([lambda ids, p: object()], [JUDGE], "recognize: invalid", "missing"),
-    "garbage_text": (["%%% ]]] <emo", "<reply>no emotion tag</reply>"], ["???"], None, "no_tag"),
+                           "missing", 1),
+    "undecodable_token_ids": ([TokenOutput(token_ids=[5, 2**40], log_probs=[0.0, 0.0])], [JUDGE],
+                              "recognize: invalid server output OverflowError", "missing", 1),
+    "logprobs_missing_when_asked": ([TokenOutput(token_ids=[5, 6, 7])], [JUDGE], "recognize: invalid", "missing", 1),
+    "not_a_token_output": ([_not_a_token_output], [JUDGE], "recognize: invalid server output: SimpleNamespace",
+                           "missing", 1),
+    "object_the_client_chokes_on": ([lambda ids, p: object()], [JUDGE], "recognize: server error AttributeError",
+                                    "missing", 1),
+    "empty_generation": ([TokenOutput(token_ids=[], log_probs=[])], [JUDGE], "recognize: empty", "missing", 0),
+    "garbage_text": (["%%% ]]] <emo", "<reply>no emotion tag</reply>"], ["???"], None, "no_tag", 0),
+    "cut_answer": (["<emotion>jo" + " y" * 100, RESPOND], [JUDGE], None, "no_tag", 0),
 }
 
 
 @pytest.mark.parametrize("case", sorted(FAILURES))
-async def test_failure_still_returns_a_valid_output_with_statuses(tok, case):
-    trained, judge, error, pred_status = FAILURES[case]
+async def test_failure_returns_a_valid_output_whose_record_tells_infra_from_policy(tok, case):
+    trained, judge, error, pred_status, infra = FAILURES[case]
     out = await run_episode(make_loop(tok, ScriptedServer(tok, trained=trained, judge=judge)))
     assert_valid(out, 512)
     rec = out.extra_fields["selfemo"]
     assert rec["pred_status"] == pred_status
     assert (rec["error"] or "").startswith(error) if error else rec["error"] is None
+    assert rec["infra_error"] == infra and type(rec["infra_error"]) is int
+    # reason: verl's v1 metric step casts both to int for every row (trainer_base._compute_metrics)
+    versions = np.array([out.extra_fields["min_global_steps"], out.extra_fields["max_global_steps"]], dtype=int)
+    answered = pred_status != "missing"
+    assert versions.tolist() == ([SERVER_STEPS] * 2 if answered else [STEP - 1] * 2)
     score = compute_score("selfemo/meld", tok.decode(out.response_ids, skip_special_tokens=True), ["joy"],
                           {**ROW, **out.extra_fields})
     assert math.isfinite(score["score"])
+
+
+async def test_one_failed_judge_sample_of_three_marks_the_episode_infra_and_the_rest_still_vote(tok):
+    judge = [JUDGE, RuntimeError("one replica down"), JUDGE]
+    server = ScriptedServer(tok, trained=[RECOGNIZE, RESPOND], judge=judge)
+    rec = (await run_episode(make_loop(tok, server, config=trainer_config(judge_samples=3)))).extra_fields["selfemo"]
+    # reason: 2 of 3 samples agree on the answer; the missing one is the server's fault, flagged, not scored as ok
+    assert (rec["judged"], rec["judged_status"], rec["judge_agreement"]) == (["surprise"], "ok", pytest.approx(2 / 3))
+    assert rec["infra_error"] == 1 and rec["error"].startswith("judge: 1/3 samples failed: server error RuntimeError")
+
+
+async def test_a_healthy_episode_has_infra_error_0_and_the_servers_weight_versions(tok):
+    server = ScriptedServer(tok, trained=[RECOGNIZE, RESPOND], judge=[JUDGE], global_steps=11)
+    out = await run_episode(make_loop(tok, server))
+    assert out.extra_fields["selfemo"]["infra_error"] == 0
+    assert [out.extra_fields[k] for k in ("global_steps", "min_global_steps", "max_global_steps")] == [11, 11, 11]
+
+
+async def test_weight_versions_span_the_trained_calls(tok):
+    def versioned(text, steps):
+        return lambda ids, params: ScriptedServer(tok, global_steps=steps).server_output(text, params)
+
+    server = ScriptedServer(tok, trained=[versioned(RECOGNIZE, 3), versioned(RESPOND, 4)], judge=[JUDGE])
+    out = await run_episode(make_loop(tok, server))
+    # reason: weights were updated between the two trained calls (an async trainer's partial rollout)
+    assert (out.extra_fields["min_global_steps"], out.extra_fields["max_global_steps"]) == (3, 4)
 
 
 async def test_judge_failure_marks_the_turn_unjudged(tok):

@@ -91,3 +91,39 @@ def test_a_judge_that_never_answered_is_an_infrastructure_status_not_a_parse_fai
     assert (turn.judged_status, sorted(turn.judged), turn.judge_agreement) == ("ok", ["joy"], 0.5)
     turn.read_judge([""], "meld")  # reason: an empty generation is the model's answer
     assert turn.judged_status == "empty"
+
+
+def test_infra_error_is_1_for_a_server_failure_and_for_any_missing_judge_sample():
+    rec = SelfPlayRecord("meld", "self_play")
+    rec.infra_fail("recognize: server error RuntimeError: down")
+    assert rec.as_fields()["infra_error"] == 1  # reason: the recognizer's call never answered
+    turn = SelfPlayTurn("Ross")
+    turn.read_judge(["<emotion>joy</emotion>", None, "<emotion>joy</emotion>"], "meld")
+    rec = SelfPlayRecord("meld", "self_play", "<emotion>joy</emotion>", [turn])
+    # reason: one of three judge samples never came back; the other two still vote
+    assert rec.as_fields()["infra_error"] == 1 and rec.as_fields()["judged_status"] == "ok"
+    later = SelfPlayTurn("Rachel")
+    later.read_judge([None], "meld")
+    rec = SelfPlayRecord("meld", "self_play", "<emotion>joy</emotion>", [SelfPlayTurn("Ross"), later])
+    assert rec.as_fields()["infra_error"] == 1  # reason: a later turn's judge counts too
+
+
+def test_policy_failures_keep_infra_error_0():
+    rec = SelfPlayRecord("meld", "self_play", "")  # empty answer
+    rec.fail("respond: empty generation")
+    turn = SelfPlayTurn("Ross")
+    turn.read_answer("<emotion>jo", "meld")  # cut answer
+    turn.read_judge([""], "meld")  # the judge's empty answer is the model's
+    rec.turns.append(turn)
+    fields = rec.as_fields()
+    assert fields["infra_error"] == 0 and type(fields["infra_error"]) is int
+    assert (fields["pred_status"], fields["stated_status"], fields["judged_status"]) == ("empty", "no_tag", "empty")
+
+
+def test_an_infra_reason_replaces_a_policy_reason_and_the_first_infra_reason_wins():
+    rec = SelfPlayRecord("meld", "self_play")
+    rec.fail("recognize: empty generation")
+    rec.infra_fail("judge: 1/1 samples failed: aborted")
+    rec.infra_fail("respond: server error")
+    rec.fail("respond: rollout.response_length reached")
+    assert rec.as_fields()["error"] == "judge: 1/1 samples failed: aborted"
