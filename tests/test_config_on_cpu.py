@@ -37,6 +37,29 @@ def test_entrypoint_cfg_job_composes_with_self_grpo():
     assert job["actor_rollout_ref"]["model"]["path"] == "/tmp/tiny-model"  # verl's own tree is underneath
 
 
+@pytest.mark.parametrize("override, key", [
+    ("selfemo.agent.temperature.respond=0.7", "selfemo.agent.temperature.respond"),  # reason: rollout default is 1.0
+    ("trainer.v1.trainer_mode=colocate_async", "trainer_mode"),
+])
+def test_entrypoint_rejects_a_bad_config_with_one_line_and_exit_2_before_ray(override, key):
+    cmd = [sys.executable, "-m", "selfemo_verl.main", *OVERRIDES, override]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    # reason: verl's import warnings may precede it; the error itself is the one last line, and no traceback
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("selfemo_verl.main: bad config:") and key in last, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_entrypoint_accepts_a_judge_temperature_of_its_own(config):
+    from selfemo_verl.main import check_config
+
+    cfg = config.copy()
+    cfg.selfemo.agent.temperature.judge = 0.3  # reason: the judge is never trained
+    cfg.selfemo.agent.temperature.recognize = cfg.actor_rollout_ref.rollout.temperature  # equal is on-policy
+    check_config(cfg)
+
+
 def test_self_grpo_yaml_defaults_equal_the_function_defaults(config):
     # reason: the registered wrapper falls back to the signature defaults under plain verl YAML
     defaults = {k: p.default for k, p in inspect.signature(self_grpo_advantage).parameters.items()
