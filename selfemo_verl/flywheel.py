@@ -1,7 +1,8 @@
 """Data flywheel (DESIGN §6): round r's episode dumps + the parquet D_r it trained on -> D_{r+1}.
 
-Core module: no verl, no ray; `data_prep/flywheel.py` is the CLI. `round` is the index of the dataset being
-built (D_1 comes from the dumps of round 0, which trained on D_0 = prepare_erc's train.parquet).
+Core module: no verl, no ray; `data_prep/flywheel.py` is the CLI (reads the dumps, writes the files). `round` is
+the index of the dataset being built (D_1 comes from the dumps of round 0, which trained on D_0 = prepare_erc's
+train.parquet).
 Assumption (whole module): the paper describes the flywheel only in words ("keeps the good ones by smoothed
 IoU"); every rule below is this project's, stated precisely so that runs can be reproduced.
 
@@ -15,11 +16,13 @@ IoU"); every rule below is this project's, stated precisely so that runs can be 
    turn + 1, speaker = parent's next_speaker, next_speaker "", next_gold [], origin "synthetic",
    round = `round`, the new window (the parent is (dialogue_id, turn - 1)). A parent with next_speaker ""
    yields none; `later_turns` are not used (they carry no speaker).
-2. **Difficulty re-weighting** of base rows (real, and synthetic carried from earlier rounds): mean r_rec
-   over all dumped episodes of the row (all steps, pooled over duplicate rows). hard (lo <= mean <= hi):
-   `hard_copies` copies (default 2); easy (mean > hi) and hopeless (mean < lo): kept once iff
-   u(seed, "downsample", key) < easy_keep_prob (default 0.5), else dropped; unseen (no episode): kept once.
-   u = SHA-256 of the seed and parts mapped to [0, 1): a row's fate depends on the seed and its key only.
+2. **Difficulty re-weighting** of base rows (real, and synthetic carried from earlier rounds): mean score over
+   all dumped episodes of the row (all steps, pooled over duplicate rows), where an episode's score is
+   recomputed at beta = 0 (DESIGN §3.1), not read from the dumped r_rec (the run's beta and r_invalid):
+   sIoU(pred, ground_truth) if pred_status is "ok", else 0.0; no pred_status: counted ("no_pred"), skipped.
+   hard (lo <= mean <= hi): `hard_copies` copies (default 2); easy (mean > hi) and hopeless (mean < lo): kept
+   once iff u(seed, "downsample", key) < easy_keep_prob (default 0.5), else dropped; unseen (no episode): kept
+   once. u = SHA-256 of the seed and parts mapped to [0, 1): a row's fate depends on the seed and its key only.
 3. **Dedupe** by key = normalised dialogue text of the window (NFKC, casefold, whitespace runs -> one space)
    + sorted labels. Base rows first (base order), then synthetic candidates (dump order); the first row with
    a key wins, later ones are dropped as "duplicate" (D_r's up-sampled copies collapse before re-weighting).
@@ -28,13 +31,14 @@ IoU"); every rule below is this project's, stated precisely so that runs can be 
    with the smallest u(seed, "cap", key, copy).
 5. Output: base rows in base order (copies adjacent), then new synthetic rows in dump order;
    extra_info.index renumbered 0..n-1. Every step is a function of the inputs and the seed.
+Rules 1 and 2 skip episodes of an unknown index or another data_source and those with infra_error = 1
+(DESIGN §3.2: a server failure hit them, their fields are not the model's answers), each counted by reason.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import math
 import unicodedata
 from collections import Counter, defaultdict
@@ -44,10 +48,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from selfemo_verl.episodes import atomic_write_bytes, read_dumps
 from selfemo_verl.labels import LABEL_SPACES
 from selfemo_verl.prompts import format_dialogue, recognize_messages
-from selfemo_verl.rewards import as_label_set, smoothed_iou
+from selfemo_verl.rewards import as_label_set, is_ok, smoothed_iou
 
 REQUIRED_COLUMNS = ("data_source", "prompt", "ability", "reward_model", "extra_info", "agent_name")
 REQUIRED_EXTRA = ("split", "index", "dialogue_id", "turn", "speaker", "next_speaker", "next_gold",
@@ -89,7 +92,6 @@ class FlywheelConfig:
             if bad:
                 raise FlywheelError(message)
         return self
-
 
 
 def unit_hash(seed: int, *parts) -> float:
@@ -203,7 +205,7 @@ def synthetic_row(parent: dict, reply: str, labels: list[str], round_: int, max_
 
 
 def index_records(records, base_by_index: dict[int, dict], counts: Counter) -> list:
-    """Records that match a base row (same index and data_source); count the others by reason."""
+    """Records the flywheel uses: same index and data_source as a base row, no infra_error; count the others."""
     matched = []
     for rec in records:
         parent = base_by_index.get(rec.index)
@@ -211,21 +213,36 @@ def index_records(records, base_by_index: dict[int, dict], counts: Counter) -> l
             counts["unknown_index"] += 1
         elif parent["data_source"] != rec.data_source:
             counts["data_source_mismatch"] += 1
+        elif rec.selfemo.get("infra_error") == 1:  # DESIGN §3.2: a server failure, not the model's answers
+            counts["infra_error"] += 1
         else:
             matched.append(rec)
     return matched
 
 
-def mean_r_rec_by_key(records, base_by_index: dict[int, dict], counts: Counter) -> dict[str, float]:
-    """Mean r_rec per dedupe key over all matched episodes (episodes without a finite r_rec are counted, skipped)."""
-    sums: dict[str, list[float]] = defaultdict(list)
+def recognition_score(selfemo: dict, gold: list[str], eps: float) -> float | None:
+    """Rule 2's episode score: sIoU(pred, gold; eps, beta = 0) if pred_status == "ok" else 0.0; None: no status.
+
+    >>> [recognition_score({"pred": p, "pred_status": s}, ["joy"], 0.1) for p, s in ((["joy"], "ok"), ([], "no_tag"))]
+    [1.0, 0.0]
+    """
+    if "pred_status" not in selfemo:
+        return None
+    ok = is_ok(selfemo["pred_status"])  # else a policy failure (no tag, empty, cut): 0, whatever the run's r_invalid
+    return smoothed_iou(as_label_set(selfemo.get("pred")), gold, eps=eps, beta=0.0) if ok else 0.0
+
+
+def mean_score_by_key(records, base_by_index: dict[int, dict], eps: float, counts: Counter) -> dict[str, float]:
+    """Mean beta = 0 recognition score per dedupe key over the matched episodes (no pred_status: counted, skipped)."""
+    scores: dict[str, list[float]] = defaultdict(list)
     for rec in records:
-        value = _finite(rec.rewards.get("r_rec"))
-        if value is None:
-            counts["no_r_rec"] += 1
+        parent = base_by_index[rec.index]
+        score = recognition_score(rec.selfemo, parent["reward_model"]["ground_truth"], eps)
+        if score is None:
+            counts["no_pred"] += 1
             continue
-        sums[row_key(base_by_index[rec.index])].append(value)
-    return {key: sum(vals) / len(vals) for key, vals in sums.items()}
+        scores[row_key(parent)].append(score)
+    return {key: sum(vals) / len(vals) for key, vals in scores.items()}
 
 
 def reweight_base(base_rows: list[dict], means: dict[str, float], cfg: FlywheelConfig, seen: set, counts: Counter):
@@ -294,10 +311,10 @@ def build_next_round(base_rows: list[dict], records, cfg: FlywheelConfig) -> tup
     ...         "next_gold": ["joy"], "label_space": "meld", "origin": "real", "round": 0, "window": win}
     >>> base = [{"data_source": "selfemo/meld", "prompt": [], "ability": "emotion_recognition", "agent_name": "x",
     ...          "reward_model": {"style": "rule", "ground_truth": ["neutral"]}, "extra_info": info}]
-    >>> sp = {"stated": ["joy"], "stated_status": "ok", "judged": ["joy"], "judged_status": "ok",
-    ...       "reply": "Great!", "judge_agreement": 1.0}
-    >>> rows, summary = build_next_round(base, [EpisodeRecord(0, "u", 0, "selfemo/meld", sp, {"r_rec": 0.5})],
-    ...                                  FlywheelConfig(round=1))
+    >>> sp = {"pred": ["joy", "neutral"], "pred_status": "ok", "stated": ["joy"], "stated_status": "ok",
+    ...       "judged": ["joy"], "judged_status": "ok", "reply": "Great!", "judge_agreement": 1.0}
+    >>> rows, summary = build_next_round(base, [EpisodeRecord(0, "u", 0, "selfemo/meld", sp, {})],
+    ...                                  FlywheelConfig(round=1))  # score 1.1 / 2.1 = 0.52: hard, two copies
     >>> [(r["extra_info"]["origin"], r["extra_info"]["window"][-1]["text"]) for r in rows]
     [('real', 'Hi.'), ('real', 'Hi.'), ('synthetic', 'Great!')]
     """
@@ -305,7 +322,7 @@ def build_next_round(base_rows: list[dict], records, cfg: FlywheelConfig) -> tup
     base_by_index = {row["extra_info"]["index"]: row for row in base_rows}
     rec_counts, base_counts, syn_counts = Counter(), Counter(), Counter()
     matched = index_records(records, base_by_index, rec_counts)
-    means = mean_r_rec_by_key(matched, base_by_index, rec_counts)
+    means = mean_score_by_key(matched, base_by_index, cfg.eps, rec_counts)
     entries = reweight_base(base_rows, means, cfg, seen := set(), base_counts)
     entries += new_synthetic(matched, base_by_index, cfg, seen, syn_counts)
     rows = renumber(apply_cap(entries, cfg, syn_counts))
@@ -322,7 +339,6 @@ def _summary(cfg, base_rows, records, rows, rec_counts, base_counts, syn_counts)
         "output": {"rows": len(rows), **{o: origins[o] for o in ORIGINS},
                    "synthetic_share": round(origins["synthetic"] / len(rows), 6) if rows else 0.0},
     }
-
 
 
 def _check_schema(schema, path) -> None:
@@ -374,27 +390,3 @@ def read_base(path) -> tuple[list[dict], pa.Schema]:
             raise FlywheelError(f"{path}: row {i}: {problem}")
         seen.add(row["extra_info"]["index"])
     return rows, table.schema.remove_metadata()
-
-
-def parquet_bytes(rows: list[dict], schema: pa.Schema) -> bytes:
-    """Deterministic parquet bytes: fixed schema without metadata, zstd level 3, one row group."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink, compression="zstd", compression_level=3,
-                   row_group_size=1 << 30)
-    return sink.getvalue().to_pybytes()
-
-
-def run(dumps, base, out, cfg: FlywheelConfig) -> dict:
-    """Read D_r and round r's dumps, build D_{r+1}, write OUT and OUT.summary.json atomically; return the summary."""
-    cfg.check()
-    base_rows, schema = read_base(base)
-    try:
-        records, n_corrupt = read_dumps(dumps)
-    except ValueError as err:
-        raise FlywheelError(str(err)) from None
-    rows, summary = build_next_round(base_rows, records, cfg)
-    summary["inputs"] = {"base": str(base), "dumps": str(dumps), "corrupt_lines": n_corrupt, **summary["inputs"]}
-    atomic_write_bytes(out, parquet_bytes(rows, schema))
-    text = json.dumps(summary, indent=2, sort_keys=True) + "\n"
-    atomic_write_bytes(Path(f"{out}.summary.json"), text.encode("utf-8"))
-    return summary

@@ -1,17 +1,22 @@
 """selfemo_verl.flywheel and data_prep/flywheel.py: round r's dumps + D_r -> D_{r+1} (DESIGN §6).
 
 Property tests run `build_next_round` on a small base built with erc_data (the real row schema) and random
-episode records; file tests run the CLI; one wiring test reads the output with verl's RLHFDataset.
+episode records, against expectations written out here from the module docstring's rules (loop references and
+hand-built rows, never the module's own helpers); file tests run the CLI; one wiring test reads the output with
+verl's RLHFDataset.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
 import re
 import subprocess
 import sys
+import unicodedata
+from collections import defaultdict
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,9 +28,9 @@ from hypothesis import strategies as st
 from selfemo_verl import episodes, flywheel
 from selfemo_verl.episodes import EpisodeRecord, write_step
 from selfemo_verl.erc_data import PARQUET_SCHEMA, Dialogue, Turn, build_rows
-from selfemo_verl.flywheel import FlywheelConfig, build_next_round, row_key, synthetic_check, synthetic_row
+from selfemo_verl.flywheel import FlywheelConfig, build_next_round, synthetic_check, synthetic_row
 from selfemo_verl.labels import LABEL_SPACES
-from selfemo_verl.prompts import recognize_messages
+from selfemo_verl.prompts import format_dialogue, recognize_messages
 from selfemo_verl.rewards import smoothed_iou
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,6 +60,12 @@ def make_base(window: int = 3) -> list[dict]:
 
 BASE = make_base()
 N_BASE = len(BASE)
+
+
+def _gold(index: int) -> list[str]:
+    return BASE[index]["reward_model"]["ground_truth"]
+
+
 def _mostly(good, *bad):
     """Draw `good` 7 times in 8 (so that passing episodes are common), else one of `bad`."""
     return st.sampled_from([good] * 7 * max(1, len(bad)) + list(bad))
@@ -64,22 +75,38 @@ _labels = st.one_of(st.lists(st.sampled_from(MELD), min_size=1, max_size=3),
                     st.lists(st.sampled_from([*MELD, "Joy", "happy"]), max_size=3))  # reason: 2 non-canonical words
 _fields = st.fixed_dictionaries(
     {"label_space": _mostly("meld", "iemocap"),
+     "pred": _labels, "pred_status": _mostly("ok", "no_tag", "truncated", None),  # reason: None = key absent
      "stated": _labels, "stated_status": _mostly("ok", "no_tag"),
      "judged": _labels, "judged_status": _mostly("ok", "empty"),
      "reply": st.sampled_from(["Great!", "great!", "I know.", "No way.", "Hi.", "  "]),
      "judge_agreement": st.sampled_from([0.0, 0.34, 0.5, 0.67, 1.0, 1.0, 1.0, None])},
+    optional={"infra_error": st.sampled_from([0, 0, 1])},
 )
-# reason: a consistent judge (judged == stated) half of the time, so synthetic rows are common, not rare
-_selfemo = st.tuples(_fields, st.booleans()).map(lambda fb: {**fb[0], "judged": fb[0]["stated"]} if fb[1] else fb[0])
-_record = st.builds(
-    EpisodeRecord, step=st.integers(0, 3), uid=st.just("u"), index=st.integers(0, N_BASE),  # N_BASE is unknown
-    data_source=_mostly("selfemo/meld", "selfemo/iemocap"), selfemo=_selfemo,
-    rewards=st.fixed_dictionaries({"r_rec": st.sampled_from([0.0, 0.048, 0.2, 0.5, 0.8, 1.0, None])}),
-)
+
+
+def _selfemo_of(fields: dict, consistent: bool) -> dict:
+    sp = {k: v for k, v in fields.items() if not (k == "pred_status" and v is None)}
+    return {**sp, "judged": sp["stated"]} if consistent else sp
+
+
+@st.composite
+def _record(draw) -> EpisodeRecord:
+    index = draw(st.integers(0, N_BASE))  # reason: N_BASE is unknown
+    # reason: a consistent judge (judged == stated) half of the time, so synthetic rows are common, not rare
+    sp = _selfemo_of(draw(_fields), draw(st.booleans()))
+    if index < N_BASE and draw(st.booleans()):  # reason: an exact recognition half of the time, so easy rows occur
+        sp["pred"] = list(_gold(index))
+    r_rec = draw(st.sampled_from([0.0, 0.25, 0.5, 0.7, 1.0, None]))  # reason: a decoy; the flywheel must not read it
+    return EpisodeRecord(draw(st.integers(0, 3)), "u", index, draw(_mostly("selfemo/meld", "selfemo/iemocap")), sp,
+                         {"r_rec": r_rec})
+
+
+_records = st.lists(_record(), min_size=4, max_size=30)
 _config = st.builds(
     FlywheelConfig, round=st.integers(1, 3), tau_con=st.sampled_from([0.5, 1.0]),
     min_agreement=st.sampled_from([0.0, 0.5, 1.0]), max_synthetic_share=st.sampled_from([0.0, 0.2, 0.5, 0.5, 1.0]),
-    seed=st.integers(0, 3),
+    hard_range=st.sampled_from([(0.2, 0.8), (0.2, 0.8), (0.0, 0.5), (0.5, 1.0)]),
+    hard_copies=st.sampled_from([1, 2, 3]), easy_keep_prob=st.sampled_from([0.0, 0.5, 1.0]), seed=st.integers(0, 3),
 )
 
 
@@ -87,31 +114,107 @@ def _without_index(row: dict) -> dict:
     return {**row, "extra_info": {**row["extra_info"], "index": None}}
 
 
+def _key(window: list[dict], labels) -> str:
+    """Rule 3's dedupe key written out: the window's `Speaker: text` lines, NFKC, casefolded, whitespace runs -> one
+    space, then "||" and the sorted labels joined by ","."""
+    text = " ".join(unicodedata.normalize("NFKC", format_dialogue(window)).casefold().split())
+    return text + "||" + ",".join(sorted(labels))
+
+
+def _row_key(row: dict) -> str:
+    return _key(row["extra_info"]["window"], row["reward_model"]["ground_truth"])
+
+
+def _u(seed: int, *parts) -> float:
+    """Rule 2's u written out: the first 8 bytes of SHA-256 of seed and parts joined by \\x1f, over 2**64."""
+    digest = hashlib.sha256("\x1f".join(str(x) for x in (seed, *parts)).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _usable(rec: EpisodeRecord) -> bool:
+    """The record belongs to a base row (index, data_source) and no infrastructure failure hit it."""
+    return (rec.index < N_BASE and BASE[rec.index]["data_source"] == rec.data_source
+            and rec.selfemo.get("infra_error") != 1)
+
+
 def _passes(rec: EpisodeRecord, cfg: FlywheelConfig) -> bool:
     """Loop reference for the synthetic filter (module docstring rule 1)."""
-    sp, parent = rec.selfemo, BASE[rec.index] if rec.index < N_BASE else None
+    sp = rec.selfemo
+    if not _usable(rec):
+        return False
     agreement = sp.get("judge_agreement")
-    return (parent is not None and parent["data_source"] == rec.data_source
-            and sp["label_space"] == "meld" and parent["extra_info"]["next_speaker"] != ""
+    return (sp["label_space"] == "meld" and BASE[rec.index]["extra_info"]["next_speaker"] != ""
             and sp["stated_status"] == sp["judged_status"] == "ok" and sp["reply"].strip() != ""
             and len(sp["stated"]) > 0 and set(sp["stated"]) <= set(MELD)
             and smoothed_iou(set(sp["judged"]), set(sp["stated"]), "meld") >= cfg.tau_con
             and agreement is not None and agreement >= cfg.min_agreement)
 
 
+def _expected_synthetic(rec: EpisodeRecord, cfg: FlywheelConfig) -> dict:
+    """Rule 1's row written out by hand: window = parent window + {parent's next_speaker, reply} cut to the longest
+    base window (3), prompt = recognize_messages(window, "meld"), sorted stated labels, the parent's extra_info with
+    turn + 1, the new speaker, no next speaker/gold, origin "synthetic" and this round (index left out)."""
+    parent, sp = BASE[rec.index], rec.selfemo
+    info = parent["extra_info"]
+    window = [*info["window"], {"speaker": info["next_speaker"], "text": sp["reply"].strip()}][-3:]
+    return {
+        "data_source": "selfemo/meld", "ability": parent["ability"], "agent_name": "selfemo_self_play",
+        "prompt": recognize_messages(window, "meld"),
+        "reward_model": {"style": "rule", "ground_truth": sorted(set(sp["stated"]))},
+        "extra_info": {**info, "index": None, "turn": info["turn"] + 1, "speaker": info["next_speaker"],
+                       "next_speaker": "", "next_gold": [], "origin": "synthetic", "round": cfg.round,
+                       "window": window},
+    }
+
+
+def _expected_real_rows(records, cfg: FlywheelConfig) -> list[dict]:
+    """Loop reference for rules 2 and 3 on the base rows: each episode scores (|P & G| + eps) / (|P | G| + eps) if
+    its pred parsed, else 0 (no pred_status: skipped); a row's copies follow the mean over its key's episodes."""
+    scores = defaultdict(list)
+    for rec in records:
+        if _usable(rec) and "pred_status" in rec.selfemo:
+            pred, gold = set(rec.selfemo["pred"]), set(_gold(rec.index))
+            ok = rec.selfemo["pred_status"] == "ok"
+            scores[_row_key(BASE[rec.index])].append((len(pred & gold) + cfg.eps) / (len(pred | gold) + cfg.eps)
+                                                     if ok else 0.0)
+    lo, hi = cfg.hard_range
+    out, seen = [], set()
+    for row in BASE:
+        key = _row_key(row)
+        if key in seen:
+            continue
+        seen.add(key)
+        mean = sum(scores[key]) / len(scores[key]) if scores[key] else None
+        if mean is None:
+            copies = 1
+        elif lo <= mean <= hi:
+            copies = cfg.hard_copies
+        else:
+            copies = 1 if _u(cfg.seed, "downsample", key) < cfg.easy_keep_prob else 0
+        out += [_without_index(row)] * copies
+    return out
+
+
 @SETTINGS
-@given(records=st.lists(_record, min_size=4, max_size=30), cfg=_config)
+@given(records=_records, cfg=_config)
 def test_every_output_row_is_a_base_row_or_a_synthetic_row_of_a_passing_episode(records, cfg):
     rows, _ = build_next_round(BASE, records, cfg)
     base = [_without_index(r) for r in BASE]
-    allowed = [_without_index(synthetic_row(BASE[r.index], r.selfemo["reply"], sorted(set(r.selfemo["stated"])),
-                                            cfg.round, max_window=3)) for r in records if _passes(r, cfg)]
+    allowed = [_expected_synthetic(r, cfg) for r in records if _passes(r, cfg)]
     for row in rows:
         assert _without_index(row) in base or _without_index(row) in allowed
 
 
 @SETTINGS
-@given(records=st.lists(_record, min_size=4, max_size=30), cfg=_config)
+@given(records=_records, cfg=_config)
+def test_real_rows_follow_the_difficulty_rule_on_beta_zero_scores(records, cfg):
+    rows, _ = build_next_round(BASE, records, cfg)
+    real = [_without_index(r) for r in rows if r["extra_info"]["origin"] == "real"]
+    assert real == _expected_real_rows(records, cfg)  # reason: the synthetic cap never drops a real row
+
+
+@SETTINGS
+@given(records=_records, cfg=_config)
 def test_provenance_is_complete_and_indices_are_renumbered(records, cfg):
     rows, _ = build_next_round(BASE, records, cfg)
     assert [r["extra_info"]["index"] for r in rows] == list(range(len(rows)))
@@ -131,19 +234,19 @@ def test_provenance_is_complete_and_indices_are_renumbered(records, cfg):
 
 
 @SETTINGS
-@given(records=st.lists(_record, min_size=4, max_size=30), cfg=_config)
+@given(records=_records, cfg=_config)
 def test_synthetic_share_and_copy_counts_respect_the_caps(records, cfg):
     rows, summary = build_next_round(BASE, records, cfg)
     n_syn = sum(r["extra_info"]["origin"] == "synthetic" for r in rows)
     assert n_syn <= cfg.max_synthetic_share * len(rows) + 1e-9
-    keys = [row_key(r) for r in rows]
+    keys = [_row_key(r) for r in rows]
     assert max((keys.count(k) for k in keys), default=0) <= cfg.hard_copies
     assert summary["output"] == {"rows": len(rows), "real": len(rows) - n_syn, "synthetic": n_syn,
                                  "synthetic_share": round(n_syn / len(rows), 6) if rows else 0.0}
 
 
 @SETTINGS
-@given(records=st.lists(_record, min_size=4, max_size=30), cfg=_config)
+@given(records=_records, cfg=_config)
 def test_same_inputs_give_the_same_rows_and_summary(records, cfg):
     assert build_next_round(BASE, records, cfg) == build_next_round(BASE, list(records), cfg)
 
@@ -158,15 +261,19 @@ def test_without_episodes_the_flywheel_only_dedupes_and_is_idempotent(cfg):
     assert [_without_index(r) for r in once] == [_without_index(r) for r in BASE if r is not BASE[4]]
 
 
-def _ep(index: int, r_rec: float = 1.0, **selfemo) -> EpisodeRecord:
-    sp = {"label_space": "meld", "stated": ["joy"], "stated_status": "ok", "judged": ["joy"], "judged_status": "ok",
-          "reply": "Congrats!", "judge_agreement": 1.0, **selfemo}
+def _ep(index: int, pred: list[str] | None = None, r_rec: float = 1.0, **selfemo) -> EpisodeRecord:
+    """An episode on BASE[index]: recognition `pred` (default: the gold, exact), a passing first self-play turn."""
+    gold = _gold(index) if index < N_BASE else ["neutral"]
+    sp = {"label_space": "meld", "pred": gold if pred is None else pred, "pred_status": "ok",
+          "stated": ["joy"], "stated_status": "ok", "judged": ["joy"], "judged_status": "ok",
+          "reply": "Congrats!", "judge_agreement": 1.0, "infra_error": 0, **selfemo}
     return EpisodeRecord(0, f"u{index}", index, "selfemo/meld", sp, {"r_rec": r_rec})
 
 
 def test_hard_rows_are_doubled_and_unseen_rows_kept_once():
-    # reason: row 1 has mean r_rec (0.0 + 1.0) / 2 = 0.5, in [0.2, 0.8]; the others have no episode
-    recs = [_ep(1, 0.0, stated_status="no_tag"), _ep(1, 1.0, stated_status="no_tag")]
+    # reason: row 1 (gold surprise) scores anger 0.1 / 2.1 = 0.048 and surprise 1.0: mean 0.52, in [0.2, 0.8];
+    # the others have no episode
+    recs = [_ep(1, ["anger"], stated_status="no_tag"), _ep(1, stated_status="no_tag")]
     rows, summary = build_next_round(BASE, recs, FlywheelConfig(round=1))
     turns = [(r["extra_info"]["dialogue_id"], r["extra_info"]["turn"]) for r in rows]
     assert turns == [("1", 0), ("1", 1), ("1", 1), ("1", 2), ("1", 3), ("2", 1), ("2", 2)]
@@ -175,13 +282,55 @@ def test_hard_rows_are_doubled_and_unseen_rows_kept_once():
 
 
 def test_easy_and_hopeless_rows_are_kept_iff_their_seeded_hash_is_below_keep_prob():
-    recs = [_ep(i, 1.0 if i % 2 else 0.0, stated_status="no_tag") for i in range(N_BASE)]
+    # reason: odd rows answered exactly (1.0: easy), even rows with fear, no row's gold (0.048: hopeless)
+    recs = [_ep(i, None if i % 2 else ["fear"], stated_status="no_tag") for i in range(N_BASE)]
     cfg = FlywheelConfig(round=1, seed=7)
     rows, summary = build_next_round(BASE, recs, cfg)
-    expected = [r for i, r in enumerate(BASE) if i != 4 and flywheel.unit_hash(7, "downsample", row_key(r)) < 0.5]
+    expected = [r for i, r in enumerate(BASE) if i != 4 and _u(7, "downsample", _row_key(r)) < 0.5]
     assert [_without_index(r) for r in rows] == [_without_index(r) for r in expected]
     assert 0 < len(rows) < N_BASE - 1  # reason: with this seed the rule both keeps and drops (else the test is empty)
     assert sum(v for k, v in summary["base"].items() if k.startswith(("kept_", "downsampled_"))) == N_BASE - 1
+
+
+def test_a_row_recognised_exactly_is_easy_even_when_its_dumped_r_rec_says_hard():
+    # reason: pred == gold scores 1.0 at beta = 0 (> 0.8: easy); the dumped r_rec 0.7 of a beta > 0 run (what the
+    # pre-revision beta = 0.3 sIoU gave an exact hit) would have said hard, and is not read
+    recs = [_ep(1, r_rec=0.7, stated_status="no_tag"), _ep(1, r_rec=0.7, stated_status="no_tag")]
+    rows, summary = build_next_round(BASE, recs, FlywheelConfig(round=1, easy_keep_prob=1.0))
+    assert summary["base"] == {"duplicate": 1, "kept_easy": 1, "kept_unseen": 5}
+    assert len(rows) == N_BASE - 1  # reason: no copy
+
+
+@pytest.mark.parametrize("pred, status", [
+    ([], "no_tag"),
+    (["surprise"], "truncated"),  # reason: the gold label, but in an answer cut by its budget: the policy's failure
+])
+def test_an_unparsed_prediction_scores_zero_whatever_the_runs_r_invalid(pred, status):
+    # reason: a run with r_invalid = 0.25 dumped r_rec = 0.25 (hard); the flywheel scores 0.0 < 0.2: hopeless
+    recs = [_ep(1, pred, r_rec=0.25, pred_status=status, stated_status="no_tag")]
+    _, summary = build_next_round(BASE, recs, FlywheelConfig(round=1, easy_keep_prob=1.0))
+    assert summary["base"] == {"duplicate": 1, "kept_hopeless": 1, "kept_unseen": 5}
+
+
+def test_a_record_without_pred_status_is_counted_and_scores_nothing():
+    sp = {k: v for k, v in _ep(1).selfemo.items() if k != "pred_status"}
+    rec = EpisodeRecord(0, "u1", 1, "selfemo/meld", sp, {"r_rec": 0.5})
+    _, summary = build_next_round(BASE, [rec], FlywheelConfig(round=1))
+    assert summary["inputs"]["no_pred"] == 1
+    assert summary["base"] == {"duplicate": 1, "kept_unseen": N_BASE - 1}  # reason: row 1 is unseen, not scored
+    assert summary["synthetic"] == {"passed": 1}  # reason: its self-play turn is still the model's and passes
+
+
+def test_infra_error_episodes_are_counted_and_used_for_neither_difficulty_nor_synthetic_rows():
+    # reason: counted, the infra episode would make row 1's mean (1.0 + 0.048) / 2 = 0.52 (hard, 2 copies) and add
+    # a second synthetic row; left out, row 1 is easy (1.0, kept once with keep prob 1) with one synthetic row
+    recs = [_ep(1, reply="Told you."), _ep(1, ["fear"], reply="The server said so.", infra_error=1)]
+    rows, summary = build_next_round(BASE, recs, FlywheelConfig(round=1, easy_keep_prob=1.0))
+    assert summary["inputs"]["infra_error"] == 1
+    assert summary["base"] == {"duplicate": 1, "kept_easy": 1, "kept_unseen": 5}
+    assert summary["synthetic"] == {"passed": 1}
+    assert [r["extra_info"]["window"][-1]["text"] for r in rows if r["extra_info"]["origin"] == "synthetic"] == [
+        "Told you."]
 
 
 def test_synthetic_row_extends_the_window_up_to_the_longest_base_window():
@@ -229,9 +378,8 @@ def test_episodes_of_unknown_rows_or_other_data_sources_are_counted_not_used():
 
 def test_duplicate_synthetic_rows_are_dropped_and_the_cap_is_exact():
     # reason: 6 distinct passing replies on row 0 (+1 duplicate); 6 real rows; share 0.25 -> floor(0.25*6/0.75) = 2
-    recs = [_ep(0, 1.0, reply=f"Reply {i}", stated_status="ok") for i in range(6)] + [_ep(0, 1.0, reply="reply 0")]
-    recs = [EpisodeRecord(r.step, r.uid, r.index, r.data_source, r.selfemo, {"r_rec": 0.5 if i else 1.0})
-            for i, r in enumerate(recs)]  # reason: mean r_rec of row 0 = (1 + 6 * 0.5) / 7 = 0.57 -> hard, 2 copies
+    half = ["joy", "neutral"]  # reason: gold neutral, score 1.1 / 2.1 = 0.52 -> row 0 is hard, 2 copies
+    recs = [_ep(0, half, reply=f"Reply {i}") for i in range(6)] + [_ep(0, half, reply="reply 0")]
     rows, summary = build_next_round(BASE, recs, FlywheelConfig(round=1, max_synthetic_share=0.25))
     assert summary["synthetic"] == {"passed": 6, "duplicate": 1, "synthetic_cap": 4}
     n_syn = sum(r["extra_info"]["origin"] == "synthetic" for r in rows)
@@ -254,12 +402,12 @@ def test_bad_options_are_flywheel_errors(kwargs, match):
 
 @pytest.fixture
 def files(tmp_path):
-    """A base parquet (real schema) and a dump dir with 2 steps (one passing synthetic episode, one hard row)."""
+    """A base parquet (real schema) and a dump dir with 2 steps (3 passing synthetic episodes, 2 hard rows)."""
     base = tmp_path / "d0.parquet"
     pq.write_table(pa.Table.from_pylist(BASE, schema=PARQUET_SCHEMA), base)
     dumps = tmp_path / "dumps"
-    write_step(dumps, 0, [_ep(0, 0.0), _ep(0, 1.0, reply="Hey you.")])
-    write_step(dumps, 1, [_ep(1, 0.5, judged=["anger"]), _ep(2, 1.0, reply="Wow, congrats!")])
+    write_step(dumps, 0, [_ep(0, ["fear"]), _ep(0, reply="Hey you.")])  # reason: (0.048 + 1) / 2 = 0.52, hard
+    write_step(dumps, 1, [_ep(1, ["surprise", "joy"], judged=["anger"]), _ep(2, reply="Wow, congrats!")])
     return base, dumps, tmp_path / "out" / "d1.parquet"
 
 
@@ -347,8 +495,10 @@ def test_cli_script_runs_on_real_meld_and_verl_reads_the_output(data_dir, tmp_pa
     subprocess.run(prep, check=True, capture_output=True, env=env)
     base = tmp_path / "meld" / "train.parquet"
     real = pq.read_table(base).slice(0, 3).to_pylist()
-    recs = [EpisodeRecord(0, "u", r["extra_info"]["index"], "selfemo/meld", _ep(0).selfemo, {"r_rec": 0.5})
-            for r in real]
+    # reason: gold + one wrong label scores (1 + 0.1) / (2 + 0.1) = 0.52: every row is hard
+    recs = [EpisodeRecord(0, "u", r["extra_info"]["index"], "selfemo/meld",
+                          _ep(0, [*gold, next(x for x in MELD if x not in gold)]).selfemo, {"r_rec": 0.5})
+            for r in real for gold in [r["reward_model"]["ground_truth"]]]
     write_step(tmp_path / "dumps", 0, recs)
     outputs = []
     for hash_seed in ("1", "2"):  # reason: byte-identical across processes, whatever Python's hash seed
