@@ -6,9 +6,15 @@
 #   flywheel python data_prep/flywheel.py --dumps round_r/dumps --base D_r --out round_{r+1}/train.parquet
 #            (not after the last round; D_0 = DATA_DIR/train.parquet from data_prep/prepare_erc.py)
 #   round r+1 starts from round r's last HF checkpoint (fresh optimizer; the KL reference = that model too).
-# Then the last round's model is evaluated on EVAL_SPLITS (python -m selfemo_verl.evaluate generate/consistency).
+# Every round validates and saves at the same steps (VAL_FREQ and its last step; checked before training by
+# `python -m selfemo_verl.model_select check`) and keeps every checkpoint. Then model selection on val
+# (DESIGN §9): `python -m selfemo_verl.model_select select` picks, over all rounds, the checkpoint with the best
+# val-core/selfemo/weighted_f1/<dataset> in round_r/metrics.jsonl (ties: the earlier) and writes
+# OUT_DIR/selection.json; EVAL_SPLITS are scored once with that checkpoint (python -m selfemo_verl.evaluate
+# generate/consistency --selection, same token budgets as training) and OUT_DIR/eval/report.md names it.
 # A round whose round_r/DONE exists is not retrained, so re-running the recipe resumes where it stopped
-# (inside a round, verl's trainer.resume_mode=auto resumes from the round's last checkpoint).
+# (inside a round, verl's trainer.resume_mode=auto resumes from the round's last checkpoint; verl's file logger
+# truncates metrics.jsonl, so an interrupted attempt's lines are kept as metrics_attempt_<k>.jsonl).
 #
 # DRY_RUN=1: write every round's overrides to OUT_DIR/round_r/overrides.txt, compose + validate them on CPU
 # with recipes/check_config.py (no GPU, no data needed) and print the exact commands; nothing is trained.
@@ -28,9 +34,8 @@ LR=${LR:-1e-6}
 KL_LOSS_COEF=${KL_LOSS_COEF:-0.001}
 BETA=${BETA:-0.3}                            # semantic smoothing of the reward (DESIGN §3.1)
 ROLLOUT_GPU_MEM=${ROLLOUT_GPU_MEM:-0.6}
-SAVE_FREQ=${SAVE_FREQ:-20}                   # also saves at each round's last step (needed for the next round)
-TEST_FREQ=${TEST_FREQ:-10}
-LOGGER=${LOGGER:-'["console","file"]'}       # e.g. '["console","wandb"]'
+VAL_FREQ=${VAL_FREQ:-20}                     # validate + save every VAL_FREQ steps and at each round's last step
+LOGGER=${LOGGER:-'["console","file"]'}       # must hold "file" (model selection reads it); + "wandb" etc.
 EVAL_SPLITS=${EVAL_SPLITS:-test}             # e.g. "val test"
 THINKING=${THINKING:-false}                  # Qwen3 chat template enable_thinking (false: short answers, no <think>)
 DRY_RUN=${DRY_RUN:-0}
@@ -85,10 +90,11 @@ selfemo_common_overrides() {
     trainer.project_name=selfemo
     trainer.n_gpus_per_node="$NGPUS"
     trainer.nnodes="$NNODES"
-    trainer.save_freq="$SAVE_FREQ"
-    trainer.test_freq="$TEST_FREQ"
+    trainer.save_freq="$VAL_FREQ"              # = test_freq: every validated step has a checkpoint to choose
+    trainer.test_freq="$VAL_FREQ"
+    trainer.val_before_train=True              # step 0: the round's starting model (reported, not a candidate)
     trainer.total_epochs="$EPOCHS_PER_ROUND"
-    trainer.max_actor_ckpt_to_keep=1           # an 8B FSDP checkpoint with optimizer is ~130 GB
+    trainer.max_actor_ckpt_to_keep=null        # keep all for model selection (8B FSDP + optimizer: ~130 GB each)
   )
 }
 
@@ -109,6 +115,29 @@ selfemo_round_model() {
   echo "$ckpt/global_step_$step/$HF_SUBDIR"
 }
 
+# verl's file logger truncates its file: keep an interrupted attempt's lines (model selection reads them all).
+selfemo_keep_metrics() {
+  local k=1
+  if [ "$DRY_RUN" = 1 ] || [ ! -f "$1/metrics.jsonl" ]; then return 0; fi
+  while [ -f "$1/metrics_attempt_$k.jsonl" ]; do k=$((k + 1)); done
+  mv "$1/metrics.jsonl" "$1/metrics_attempt_$k.jsonl"
+}
+
+# Score EVAL_SPLITS once with the checkpoint chosen on val, with the training token budgets; write the report.
+selfemo_evaluate() {
+  local split mode a budgets=() reports=()
+  for a in "$@"; do case $a in *selfemo.agent.max_tokens*) budgets+=(--train-override "$a") ;; esac; done
+  for split in $EVAL_SPLITS; do
+    for mode in generate consistency; do
+      selfemo_step "$PYTHON" -m selfemo_verl.evaluate "$mode" --selection "$OUT_DIR/selection.json" \
+        --data "$DATA_DIR/$split.parquet" --out "$OUT_DIR/eval/${split}_$mode" \
+        --chat-template-kwargs "{\"enable_thinking\": $THINKING}" "${budgets[@]}"
+    done
+    reports+=("$OUT_DIR/eval/${split}_generate")
+  done
+  selfemo_step "$PYTHON" -m selfemo_verl.evaluate report "${reports[@]}" --out "$OUT_DIR/eval/report.md"
+}
+
 selfemo_rounds() {
   DATA_DIR=$(realpath -m "$DATA_DIR") OUT_DIR=$(realpath -m "$OUT_DIR")  # absolute: Ray workers have another cwd
   selfemo_common_overrides
@@ -116,17 +145,20 @@ selfemo_rounds() {
   if [ ! -f "$DATA_DIR/train.parquet" ]; then
     selfemo_step "$PYTHON" data_prep/prepare_erc.py --dataset "$DATASET" --raw-dir "$RAW_DIR" --out-dir "$DATA_DIR"
   fi
-  local base=$DATA_DIR/train.parquet model=$MODEL_PATH r rdir checks=()
+  local base=$DATA_DIR/train.parquet model=$MODEL_PATH r rdir checks=() rdirs=() args=()
   for ((r = 0; r < ROUNDS; r++)); do
     rdir=$OUT_DIR/round_$r
+    rdirs+=("$rdir")
     mkdir -p "$rdir"
-    local args=("${ALGORITHM[@]}" "${DATA[@]}" "${SELFEMO[@]}" "${ACTOR[@]}" "${BACKEND[@]}" "${TRAINER[@]}"
+    args=("${ALGORITHM[@]}" "${DATA[@]}" "${SELFEMO[@]}" "${ACTOR[@]}" "${BACKEND[@]}" "${TRAINER[@]}"
       data.train_files="$base" actor_rollout_ref.model.path="$model" selfemo.dump.dir="$rdir/dumps"
       trainer.default_local_dir="$rdir/ckpt" trainer.experiment_name="${EXPERIMENT}_r$r" "$@")
+    "$PYTHON" -m selfemo_verl.model_select check "${args[@]}"  # save_freq = test_freq > 0, file logger, keep all
     if [ "$DRY_RUN" = 1 ]; then printf '%s\n' "${args[@]}" > "$rdir/overrides.txt"; checks+=("$rdir/overrides.txt"); fi
     if [ -f "$rdir/DONE" ]; then
       echo "round $r: $rdir/DONE exists, not retrained"
     else
+      selfemo_keep_metrics "$rdir"
       export VERL_FILE_LOGGER_PATH=$rdir/metrics.jsonl  # verl's "file" logger: one JSON object per step
       selfemo_step "$PYTHON" -m selfemo_verl.main "${args[@]}"
       if [ "$DRY_RUN" != 1 ]; then touch "$rdir/DONE"; fi
@@ -138,13 +170,9 @@ selfemo_rounds() {
       base=$OUT_DIR/round_$((r + 1))/train.parquet
     fi
   done
-  local split mode
-  for split in $EVAL_SPLITS; do
-    for mode in generate consistency; do
-      selfemo_step "$PYTHON" -m selfemo_verl.evaluate "$mode" --model "$model" --data "$DATA_DIR/$split.parquet" \
-        --out "$OUT_DIR/eval/${split}_$mode" --chat-template-kwargs "{\"enable_thinking\": $THINKING}"
-    done
-  done
+  selfemo_step "$PYTHON" -m selfemo_verl.model_select select "${rdirs[@]}" --dataset "$DATASET" \
+    --hf-subdir "$HF_SUBDIR" --out "$OUT_DIR/selection.json"
+  selfemo_evaluate "${args[@]}"
   if [ "$DRY_RUN" = 1 ]; then
     "$PYTHON" recipes/check_config.py "${checks[@]}"
   fi

@@ -5,6 +5,14 @@ recognize step) or `prompts.respond_messages` / `prompts.judge_messages`, render
 chat template (`--chat-template-kwargs` as in `data.apply_chat_template_kwargs`). Backend: vLLM offline
 batch generation when vllm is importable (GPU), else transformers (CPU, or one CUDA device without vLLM).
 
+Token budgets: each role gets the budget training gives it, `selfemo.agent.max_tokens.<role>` read from
+selfemo_trainer.yaml (`role_budgets`), then from the user's training config (`--train-config`) and Hydra-style
+overrides (`--train-override`), so evaluation cuts answers where training does; `--max-new-tokens` overrides
+every role. (Training also caps the responder by what is left of `data.max_response_length`; evaluation does not.)
+
+`--selection FILE` (written by `python -m selfemo_verl.model_select select`) evaluates the checkpoint chosen
+on val and names it (round, step, path, val weighted-F1) in metrics.json / consistency.json.
+
 Expression consistency (Assumption: the paper's exact protocol is not available): on dialogue prefixes that
 have a next speaker, the model responds as that speaker (stated emotion E + reply), then reads the reply
 blind (judge prompt, E hidden) -> P. A turn matches iff E and P parse and smoothed_iou(P, E) >= tau
@@ -19,10 +27,66 @@ import importlib.util
 import json
 from pathlib import Path
 
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
 from selfemo_verl.evaluate import InputError, atomic_write, native, score
 from selfemo_verl.labels import check_label_space, parse_emotions
 from selfemo_verl.prompts import judge_messages, parse_reply, respond_messages
 from selfemo_verl.rewards import smoothed_iou
+
+ROLES = ("recognize", "respond", "judge")
+TRAINER_YAML = Path(__file__).with_name("config") / "selfemo_trainer.yaml"
+BUDGET_KEY = "selfemo.agent.max_tokens"  # the key training's agent loop reads (selfemo_verl.agent_loop)
+
+
+def _budget_overrides(overrides) -> list[str]:
+    """The Hydra-style overrides (leading + / ++ dropped) that set `selfemo.agent.max_tokens` or a role of it."""
+    keep = []
+    for item in overrides:
+        key = item.lstrip("+").partition("=")[0]
+        if key == BUDGET_KEY or key.startswith(BUDGET_KEY + "."):
+            keep.append(item.lstrip("+"))
+    return keep
+
+
+def _layer(source):
+    """One config layer: a YAML file, or a list of `key=value` overrides."""
+    if isinstance(source, list):
+        return OmegaConf.from_dotlist(source)
+    if not Path(source).is_file():
+        raise InputError(f"{source}: no such file")
+    return OmegaConf.load(source)
+
+
+def role_budgets(train_config=None, overrides=(), every_role=None) -> dict[str, int]:
+    """Tokens each role may generate, from the key training reads: `selfemo.agent.max_tokens.<role>`.
+
+    Sources, later wins: selfemo_trainer.yaml (training's defaults), `train_config` (the user's training YAML,
+    e.g. a round's resolved config.yaml), Hydra-style `overrides` (keys outside max_tokens are ignored), then
+    `every_role` for all roles (`--max-new-tokens`).
+
+    >>> role_budgets(overrides=["selfemo.agent.max_tokens.respond=200", "trainer.save_freq=5"])["respond"]
+    200
+    >>> role_budgets(every_role=6)
+    {'recognize': 6, 'respond': 6, 'judge': 6}
+    """
+    dotlist = _budget_overrides(overrides)
+    layers = [TRAINER_YAML, *([train_config] if train_config is not None else []), *([dotlist] if dotlist else [])]
+    config = OmegaConf.create()
+    for layer in layers:
+        try:
+            config = OmegaConf.merge(config, _layer(layer))
+        except (yaml.YAMLError, OmegaConfBaseException) as err:  # a user file or override: one line naming it
+            raise InputError(f"{layer}: not a valid config ({' '.join(str(err).split())[:200]})") from None
+    budgets = {role: every_role if every_role is not None else OmegaConf.select(config, f"{BUDGET_KEY}.{role}")
+               for role in ROLES}
+    for role, value in budgets.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{BUDGET_KEY}.{role} = {value!r} (from {', '.join(map(str, layers))}): "
+                             "expected an integer >= 1")
+    return budgets
 
 
 def load_rows(path, limit=None):
@@ -49,15 +113,16 @@ def _prompt_ids(tokenizer, chats, template_kwargs) -> list[list[int]]:
 
 
 class Generator:
-    """Greedy batch generation over chat prompts with vLLM (GPU) or transformers (CPU)."""
+    """Greedy batch generation over chat prompts with vLLM (GPU) or transformers (CPU); `budgets` maps each
+    role (recognize | respond | judge) to its max new tokens (`role_budgets`)."""
 
-    def __init__(self, model_path, backend="auto", batch_size=8, max_new_tokens=256, template_kwargs=None):
+    def __init__(self, model_path, budgets: dict, backend="auto", batch_size=8, template_kwargs=None):
         from transformers import AutoTokenizer
 
         if not Path(model_path).exists():
             raise InputError(f"{model_path}: no such model directory")
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.model_path, self.batch_size, self.max_new_tokens = str(model_path), batch_size, max_new_tokens
+        self.model_path, self.batch_size, self.budgets = str(model_path), batch_size, dict(budgets)
         self.template_kwargs = dict(template_kwargs or {})
         use_vllm = backend == "vllm" or (backend == "auto" and importlib.util.find_spec("vllm") is not None)
         self._generate = self._vllm if use_vllm else self._hf
@@ -65,16 +130,17 @@ class Generator:
         pad = self.tokenizer.pad_token_id
         self._pad_id = pad if pad is not None else self.tokenizer.eos_token_id
 
-    def __call__(self, chats, desc="generate") -> list[str]:
-        return self._generate(_prompt_ids(self.tokenizer, chats, self.template_kwargs), desc)
+    def __call__(self, chats, desc="recognize") -> list[str]:
+        """Answers to `chats`; `desc` is the role generating them: its token budget and the progress label."""
+        return self._generate(_prompt_ids(self.tokenizer, chats, self.template_kwargs), self.budgets[desc], desc)
 
     # GPU path: not exercised by the CPU tests (vLLM is not installed there).
-    def _vllm(self, prompt_ids, desc):
+    def _vllm(self, prompt_ids, max_new_tokens, desc):
         from vllm import LLM, SamplingParams
 
         if self._model is None:
             self._model = LLM(model=self.model_path)
-        params = SamplingParams(temperature=0.0, max_tokens=self.max_new_tokens)
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
         outputs = self._model.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params)
         return [out.outputs[0].text for out in outputs]
 
@@ -86,7 +152,7 @@ class Generator:
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         return AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).to(device).eval()
 
-    def _hf(self, prompt_ids, desc):
+    def _hf(self, prompt_ids, max_new_tokens, desc):
         """Batches of left-padded prompts (sorted by length to cut padding), greedy, new tokens decoded
         without special tokens, returned in the input order."""
         import torch
@@ -103,25 +169,73 @@ class Generator:
             mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch], device=self._model.device)
             with torch.inference_mode():
                 out = self._model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                                           max_new_tokens=self.max_new_tokens, pad_token_id=self._pad_id)
+                                           max_new_tokens=max_new_tokens, pad_token_id=self._pad_id)
             texts += self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
         return [text for _, text in sorted(zip(order, texts))]
 
 
-def _generator(args) -> Generator:
-    return Generator(args.model, args.backend, args.batch_size, args.max_new_tokens, args.chat_template_kwargs)
+def add_model_arguments(parser, command: str) -> None:
+    """The flags of `evaluate generate` / `evaluate consistency`."""
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="HF model directory")
+    which.add_argument("--selection", help="evaluate the checkpoint chosen in this model_select JSON")
+    for flag in ("--data", "--out"):
+        parser.add_argument(flag, required=True)
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--train-config", default=None, help="training YAML whose selfemo.agent.max_tokens to use")
+    parser.add_argument("--train-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="training Hydra override (selfemo.agent.max_tokens.* used, others ignored); repeatable")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="every role's budget (default: selfemo.agent.max_tokens.<role> of the training config)")
+    parser.add_argument("--backend", choices=("auto", "vllm", "hf"), default="auto")
+    parser.add_argument("--chat-template-kwargs", type=json.loads, default={},
+                        help='JSON passed to apply_chat_template, e.g. \'{"enable_thinking": false}\'')
+    if command == "consistency":
+        parser.add_argument("--tau", type=float, default=1.0, help="match if smoothed_iou(judged, stated) >= tau")
+
+
+def read_selection(path) -> dict:
+    """`chosen` of a `model_select select` JSON: round, step, path, val_weighted_f1; InputError if bad."""
+    keys = ("round", "step", "path", "val_weighted_f1")
+    if not Path(path).is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        chosen = json.loads(Path(path).read_text(encoding="utf-8")).get("chosen")
+    except (json.JSONDecodeError, AttributeError):
+        chosen = None
+    if not isinstance(chosen, dict) or any(k not in chosen for k in keys):
+        raise InputError(f"{path}: expected a model_select JSON with chosen.{{{', '.join(keys)}}}")
+    return {k: chosen[k] for k in keys}
+
+
+def _model(args) -> tuple[str, dict | None]:
+    """(model dir, the chosen checkpoint or None) from --model or --selection."""
+    if args.selection is None:
+        return str(args.model), None
+    chosen = read_selection(args.selection)
+    return str(chosen["path"]), chosen
+
+
+def _generator(args, model: str, roles) -> tuple[Generator, dict]:
+    budgets = role_budgets(args.train_config, args.train_override, args.max_new_tokens)
+    budgets = {role: budgets[role] for role in roles}
+    return Generator(model, budgets, args.backend, args.batch_size, args.chat_template_kwargs), budgets
 
 
 def run_generate(args) -> dict:
     """Write OUT/predictions.jsonl ({"index", "output"} per row), then score it (`evaluate.score`)."""
+    model, checkpoint = _model(args)
+    generate, budgets = _generator(args, model, ["recognize"])
     rows = load_rows(args.data, args.limit)
-    outputs = _generator(args)(list(rows["prompt"]), desc="recognize")
+    outputs = generate(list(rows["prompt"]), desc="recognize")
     lines = [json.dumps({"index": native(extra["index"]), "output": text}, ensure_ascii=False)
              for extra, text in zip(rows["extra_info"], outputs)]
     predictions = Path(args.out) / "predictions.jsonl"
     atomic_write(predictions, "\n".join(lines) + "\n")
-    name = Path(args.model).name
-    metrics = score(predictions, args.data, args.out, name=name, backbone=name, limit=args.limit)
+    name = Path(model).name if checkpoint is None else f"round_{checkpoint['round']}/global_step_{checkpoint['step']}"
+    extra = {"max_tokens": budgets, **({"checkpoint": checkpoint} if checkpoint else {})}
+    metrics = score(predictions, args.data, args.out, name=name, backbone=name, limit=args.limit, extra=extra)
     print({k: metrics[k] for k in ("n", "accuracy", "weighted_f1", "parse_failure_rate")})
     return metrics
 
@@ -185,12 +299,13 @@ def run_consistency(args) -> dict:
     spaces = {p["label_space"] for p in prefixes}
     if len(spaces) != 1:
         raise InputError(f"{args.data}: expected one label space, got {sorted(spaces)}")
-    generate = _generator(args)
+    model, checkpoint = _model(args)
+    generate, budgets = _generator(args, model, ["respond", "judge"])
     chats = [respond_messages(p["window"], p["next_speaker"], p["label_space"]) for p in prefixes]
     turns = _judge_turns(generate, prefixes, generate(chats, desc="respond"))
     space = spaces.pop()
-    summary = {"model": str(args.model), "data": str(args.data), "label_space": space,
-               **consistency_summary(turns, args.tau, space)}
+    summary = {"model": model, "data": str(args.data), "label_space": space, "max_tokens": budgets,
+               **({"checkpoint": checkpoint} if checkpoint else {}), **consistency_summary(turns, args.tau, space)}
     summary["examples"] = [{k: (sorted(v) if isinstance(v, frozenset) else v) for k, v in t.items()} for t in turns[:5]]
     atomic_write(Path(args.out) / "consistency.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     print({k: summary[k] for k in ("n", "rate", "rate_valid", "parse_failures")})

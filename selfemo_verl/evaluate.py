@@ -5,6 +5,8 @@ Core module: no verl, no ray (torch/transformers/vLLM only load in `selfemo_verl
     python -m selfemo_verl.evaluate score --predictions P.jsonl --data test.parquet --out DIR
     python -m selfemo_verl.evaluate generate --model PATH --data test.parquet --out DIR [--limit N]
     python -m selfemo_verl.evaluate consistency --model PATH --data test.parquet --out DIR [--tau 1.0]
+        (--selection FILE for --model: the checkpoint chosen on val by selfemo_verl.model_select; each role's
+        token budget: selfemo.agent.max_tokens of the training config, see selfemo_verl.eval_generate)
     python -m selfemo_verl.evaluate report RUN_DIR... [--out report.md]
 
 Scoring rules (Assumption: the paper does not say how a set answer is scored against a single gold label):
@@ -285,9 +287,10 @@ def results_row(metrics: dict) -> str:
             f"{cells['emorynlp']} | {100 * metrics['accuracy']:.2f} | {metrics['predictions']} | {notes} |\n")
 
 
-def score(predictions_path, data_path, out_dir, name=None, backbone="–", limit=None) -> dict:
+def score(predictions_path, data_path, out_dir, name=None, backbone="–", limit=None, extra=None) -> dict:
     """Score a predictions JSONL against a test parquet (its first `limit` rows if given); write
-    metrics.json, confusion_matrix.png and results_row.md into `out_dir`."""
+    metrics.json (with the `extra` keys, e.g. the chosen checkpoint), confusion_matrix.png and results_row.md
+    into `out_dir`."""
     gold = read_gold(data_path)
     if limit is not None:
         gold = Gold(gold.path, gold.data_source, gold.label_space, gold.indices[:limit], gold.labels[:limit])
@@ -295,7 +298,8 @@ def score(predictions_path, data_path, out_dir, name=None, backbone="–", limit
     metrics = corpus_metrics([outputs.get(i) for i in gold.indices], gold.labels, gold.label_space)
     out_dir = Path(out_dir)
     head = {"name": name or out_dir.resolve().name, "backbone": backbone, "data_source": gold.data_source,
-            "label_space": gold.label_space, "predictions": str(predictions_path), "data": gold.path, "limit": limit}
+            "label_space": gold.label_space, "predictions": str(predictions_path), "data": gold.path, "limit": limit,
+            **(extra or {})}
     metrics = {**head, **metrics}
     title = f"{head['name']} on {gold.data_source} (n={metrics['n']})"
     png, row = confusion_png(metrics["confusion"], title), results_row(metrics)
@@ -338,7 +342,14 @@ def report(run_dirs) -> tuple[str, dict]:
                         **{k: {"mean": m, "sd": None if math.isnan(s) else s} for k, (m, s) in stats.items()}}
         cells = " | ".join(f"{_pct(m)} ± {_pct(s)}" for m, s in stats.values())
         lines.append(f"| {key} | {len(group)} | {cells} |")
-    return "\n".join(lines) + "\n", summary
+    return "\n".join(lines + _checkpoint_lines(runs)) + "\n", summary
+
+
+def _checkpoint_lines(runs) -> list[str]:
+    """Name the checkpoint each run evaluated when it was chosen on val (`evaluate generate --selection`)."""
+    chosen = [f"- {r['run']}: round {c['round']}, global step {c['step']}, val weighted-F1 "
+              f"{_pct(c['val_weighted_f1'])} %, {c['path']}" for r in runs if (c := r.get("checkpoint"))]
+    return ["", "Model selection on val (best val weighted-F1 over all rounds):", *chosen] if chosen else []
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -349,18 +360,9 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument(flag, required=True)
     s.add_argument("--name", default=None, help="method name in results_row.md (default: the out dir name)")
     s.add_argument("--backbone", default="–")
+    from selfemo_verl.eval_generate import add_model_arguments  # the flags live beside the code that reads them
     for command in ("generate", "consistency"):
-        g = sub.add_parser(command, help=f"{command} with a model (vLLM if importable, else transformers)")
-        for flag in ("--model", "--data", "--out"):
-            g.add_argument(flag, required=True)
-        g.add_argument("--limit", type=int, default=None)
-        g.add_argument("--batch-size", type=int, default=8)
-        g.add_argument("--max-new-tokens", type=int, default=256 if command == "generate" else 128)
-        g.add_argument("--backend", choices=("auto", "vllm", "hf"), default="auto")
-        g.add_argument("--chat-template-kwargs", type=json.loads, default={},
-                       help='JSON passed to apply_chat_template, e.g. \'{"enable_thinking": false}\'')
-        if command == "consistency":
-            g.add_argument("--tau", type=float, default=1.0, help="match if smoothed_iou(judged, stated) >= tau")
+        add_model_arguments(sub.add_parser(command, help=f"{command} with a model (vLLM or HF)"), command)
     r = sub.add_parser("report", help="mean ± sd and a comparison table over run dirs holding metrics.json")
     r.add_argument("runs", nargs="+")
     r.add_argument("--out", default="eval_report.md", help="markdown path (a .json summary is written beside)")
@@ -378,7 +380,6 @@ def _run(args) -> None:
         print(markdown, end="")
     else:
         from selfemo_verl import eval_generate
-
         getattr(eval_generate, f"run_{args.command}")(args)
 
 

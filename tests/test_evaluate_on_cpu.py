@@ -303,7 +303,7 @@ def test_missing_model_dir_exits_2_from_the_module_cli(command, meld_test, tmp_p
 
 
 def test_hf_generation_left_pads_and_returns_answers_in_input_order(tiny_model, meld_test):
-    gen = eval_generate.Generator(tiny_model, backend="hf", batch_size=4, max_new_tokens=1)
+    gen = eval_generate.Generator(tiny_model, {"recognize": 1}, backend="hf", batch_size=4)
     token_of = lambda n: 100 + n % 900  # noqa: E731  an ordinary (non-special) token per prompt length
     gen._model = load_fakes().EchoLengthModel(token_of)  # the fake asserts left padding under a 0 mask
     chats = list(pd.read_parquet(meld_test)["prompt"][:10])
@@ -322,6 +322,108 @@ def test_consistency_on_cpu_writes_a_valid_report(tiny_model, meld_test, tmp_pat
     assert 0 <= report["matched"] <= report["n_valid"] <= 4
     assert set(report["parse_failures"]) == {"stated", "reply", "judged"}
     assert set(report["by_emotion"]) == set(MELD)
+
+
+# ------------------------------------------------------------------------------- token budgets, selection
+
+ANSWERS = {"recognize": "<emotion>neutral</emotion>", "respond": "<emotion>joy</emotion><reply>Great!</reply>",
+           "judge": "<emotion>joy</emotion>"}
+
+
+@pytest.fixture
+def spy_generation(monkeypatch):
+    """Replace the HF generation of eval_generate.Generator: record (role, max new tokens, n prompts) per call and
+    answer each role with a fixed parsable text (the tokenizer and chat template stay real)."""
+    calls = []
+
+    def fake_hf(self, prompt_ids, max_new_tokens, desc):
+        calls.append((desc, max_new_tokens, len(prompt_ids)))
+        return [ANSWERS[desc]] * len(prompt_ids)
+
+    monkeypatch.setattr(eval_generate.Generator, "_hf", fake_hf)
+    return calls
+
+
+def _yaml_budgets(path=eval_generate.TRAINER_YAML) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(path).selfemo.agent.max_tokens)
+
+
+def test_eval_budgets_default_to_the_budgets_training_composes_from_the_yaml():
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="selfemo_verl.config", version_base=None):
+        training = compose(config_name="selfemo_trainer").selfemo.agent.max_tokens
+    assert eval_generate.role_budgets() == dict(training) == _yaml_budgets()
+    assert _yaml_budgets()["respond"] != 128  # reason: the old hard-coded eval budget cut the responder short
+
+
+def test_consistency_uses_the_respond_and_judge_budgets_of_a_changed_yaml(spy_generation, monkeypatch, tiny_model,
+                                                                            meld_test, tmp_path):
+    text = eval_generate.TRAINER_YAML.read_text()
+    assert "      respond: 160\n" in text and "      judge: 64\n" in text  # reason: the copy below edits these
+    copy = tmp_path / "selfemo_trainer.yaml"
+    copy.write_text(text.replace("      respond: 160\n", "      respond: 177\n").replace("      judge: 64\n",
+                                                                                          "      judge: 33\n"))
+    monkeypatch.setattr(eval_generate, "TRAINER_YAML", copy)
+    out = tmp_path / "con"
+    assert main(["consistency", "--model", str(tiny_model), "--data", str(meld_test), "--out", str(out),
+                 "--limit", "3", "--backend", "hf"]) == 0
+    assert spy_generation == [("respond", 177, 3), ("judge", 33, 3)]
+    assert json.loads((out / "consistency.json").read_text())["max_tokens"] == {"respond": 177, "judge": 33}
+
+
+def test_generate_uses_the_recognize_budget_of_training_overrides_and_config(spy_generation, tiny_model, meld_test,
+                                                                             tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text("selfemo:\n  agent:\n    max_tokens:\n      recognize: 40\n")
+    base = ["generate", "--model", str(tiny_model), "--data", str(meld_test), "--limit", "2", "--backend", "hf"]
+    assert main([*base, "--out", str(tmp_path / "a"), "--train-config", str(config)]) == 0
+    # reason: overrides come after the config file, the last override of a key wins, other keys are ignored
+    assert main([*base, "--out", str(tmp_path / "b"), "--train-config", str(config), "--train-override",
+                 "+selfemo.agent.max_tokens.recognize=12", "--train-override", "trainer.save_freq=5",
+                 "--train-override", "selfemo.agent.max_tokens.recognize=24"]) == 0
+    assert main([*base, "--out", str(tmp_path / "c"), "--train-override", "selfemo.agent.max_tokens.recognize=24",
+                 "--max-new-tokens", "7"]) == 0  # reason: the explicit flag overrides every role
+    assert [budget for _, budget, _ in spy_generation] == [40, 24, 7]
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["max_tokens"] == {"recognize": 24}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--train-override", "selfemo.agent.max_tokens.judge=0"], "selfemo.agent.max_tokens.judge = 0"),
+    (["--train-override", "selfemo.agent.max_tokens.respond=lots"], "selfemo.agent.max_tokens.respond = 'lots'"),
+    (["--train-config", "/no/such/train.yaml"], "/no/such/train.yaml: no such file"),
+])
+def test_a_bad_token_budget_exits_2_naming_its_source(flags, message, meld_test, tiny_model, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["consistency", "--model", str(tiny_model), "--data", str(meld_test), "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and not out.exists()
+
+
+def test_selection_file_picks_the_model_and_metrics_and_report_name_the_checkpoint(spy_generation, tiny_model,
+                                                                                   meld_test, tmp_path):
+    chosen = {"round": 1, "step": 20, "path": str(tiny_model), "val_weighted_f1": 0.5123}
+    selection = tmp_path / "selection.json"
+    selection.write_text(json.dumps({"metric": "val-core/selfemo/weighted_f1/meld", "chosen": chosen}))
+    out = tmp_path / "test_generate"
+    assert main(["generate", "--selection", str(selection), "--data", str(meld_test), "--out", str(out),
+                 "--limit", "2", "--backend", "hf"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["checkpoint"] == chosen and metrics["name"] == "round_1/global_step_20"
+    assert main(["report", str(out), "--out", str(tmp_path / "report.md")]) == 0
+    assert f"- {out}: round 1, global step 20, val weighted-F1 51.23 %, {tiny_model}" in (
+        tmp_path / "report.md").read_text()
+
+
+def test_a_bad_selection_file_exits_2_and_model_and_selection_exclude_each_other(meld_test, tmp_path, capsys):
+    bad = tmp_path / "selection.json"
+    bad.write_text(json.dumps({"chosen": {"round": 0}}))
+    assert main(["generate", "--selection", str(bad), "--data", str(meld_test), "--out", str(tmp_path / "o")]) == 2
+    assert "chosen.{round, step, path, val_weighted_f1}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "--selection", str(bad), "--model", "m", "--data", str(meld_test), "--out", "o"])
 
 
 def test_consistency_judge_is_blind_and_matches_by_smoothed_iou(meld_test):

@@ -13,6 +13,7 @@ CORE_MODULES = [
     "selfemo_verl.selfplay",
     "selfemo_verl.rewards",
     "selfemo_verl.advantage",
+    "selfemo_verl.model_select",
     "selfemo_verl.erc_data",
     "selfemo_verl.episodes",
     "selfemo_verl.flywheel",

@@ -2,12 +2,14 @@
 
 Round 0 trains the tiny random Qwen3 for STEPS steps on D_0 (8 MELD rows from 8 dialogues, each with another
 next speaker) with episode dumps on and the HF model saved; the flywheel turns round 0's dumps + D_0 into D_1;
-round 1 trains STEPS steps on D_1, starting from round 0's HF model. The whole recipe is watched as one process
-tree: exit status 0, peak memory (PSS) within 8 GiB, no process left behind.
+round 1 trains STEPS steps on D_1, starting from round 0's HF model. Each round validates at its last step (the
+step it saves), and model selection on val (selfemo_verl.model_select) writes OUT_DIR/selection.json. The whole
+recipe is watched as one process tree: exit status 0, peak memory (PSS) within 8 GiB, no process left behind.
 
 With 4 prompts a step, STEPS = 2 steps are exactly one epoch of D_0, so round 0 sees every row. A random model
-never writes a parsable answer, so every episode scores r_rec = r_invalid = 0.25, inside the flywheel's default
-hard range [0.2, 0.8]: every D_0 row is "hard" and comes into D_1 twice (adjacent copies), and D_1 has 16 rows
+never writes a parsable answer, so every episode's reward is r_rec = r_invalid = 0.25, while the flywheel's own
+β = 0 difficulty score of an unparsed answer is 0 (it recomputes it from the dump); the run passes the flywheel
+`--hard-range 0 1`, so every D_0 row is "hard" and comes into D_1 twice (adjacent copies), and D_1 has 16 rows
 with fresh indices 0..15, while D_0 keeps MELD's original (sparse) indices.
 """
 
@@ -55,7 +57,7 @@ def _write_d0(raw_dir: Path, work: Path) -> Path:
             break
     d0.mkdir()
     pq.write_table(table.take(keep), d0 / "train.parquet")
-    pq.write_table(table.take(keep), d0 / "val.parquet")  # never run (test_freq=-1), but verl loads it
+    pq.write_table(table.take(keep), d0 / "val.parquet")  # validated at each round's last step (model selection)
     return d0
 
 
@@ -79,12 +81,12 @@ def rounds(tmp_path_factory, data_dir):
     d0 = _write_d0(data_dir / "meld", work)
     out = work / "out"
     env = {**os.environ, "OUT_DIR": str(out), "DATA_DIR": str(d0), "STEPS": str(STEPS), "ROUNDS": "2",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "FLYWHEEL_ARGS": "--hard-range 0 1"}
     cmd = ["bash", str(REPO / "recipes/run_cpu_rounds.sh"), f"selfemo.reward.r_invalid={R_INVALID}"]
     report = run_watched(cmd, env=env, log_path=str(work / "run.log"))
     assert report.returncode == 0, (work / "run.log").read_text(errors="replace")[-4000:]
     return {"report": report, "d0": d0 / "train.parquet", "r0": out / "round_0", "r1": out / "round_1",
-            "d1": out / "round_1/data/train.parquet"}
+            "d1": out / "round_1/data/train.parquet", "selection": out / "selection.json"}
 
 
 def test_two_rounds_run_through_the_recipe_within_memory_and_leave_no_process(rounds):
@@ -93,6 +95,21 @@ def test_two_rounds_run_through_the_recipe_within_memory_and_leave_no_process(ro
     assert report.peak_pss_gib <= PEAK_GIB, f"peak PSS {report.peak_pss_gib:.2f} GiB"
     for r in ("r0", "r1"):
         assert [s["step"] for s in _metrics(rounds[r])] == list(range(1, STEPS + 1))
+
+
+def test_model_selection_chose_a_saved_checkpoint_by_val_weighted_f1_over_both_rounds(rounds):
+    key = "val-core/selfemo/weighted_f1/meld"
+    val = {(r, s["step"]): s["data"][key] for r, name in enumerate(("r0", "r1")) for s in _metrics(rounds[name])
+           if key in s["data"]}
+    assert sorted(val) == [(0, STEPS), (1, STEPS)]  # reason: test_freq = save_freq = STEPS, no val_before_train
+    choice = json.loads(rounds["selection"].read_text())
+    chosen = choice["chosen"]
+    assert (Path(chosen["path"]) / "config.json").is_file()
+    round_dir = rounds[("r0", "r1")[chosen["round"]]]
+    assert chosen["path"] == str(round_dir / f"ckpt/global_step_{chosen['step']}/{HF_SUBDIR}")
+    # reason: the rule itself: the best value, and among equal values (a random model scores 0 in both) the earlier
+    assert (chosen["round"], chosen["step"]) == min(rs for rs, v in val.items() if v == max(val.values()))
+    assert chosen["val_weighted_f1"] == max(val.values())
 
 
 def test_flywheel_summary_counts_exactly_round_0s_dumped_episodes(rounds):
@@ -107,7 +124,7 @@ def test_flywheel_summary_counts_exactly_round_0s_dumped_episodes(rounds):
     assert summary["inputs"]["episodes"] == len(records) and summary["inputs"]["base_rows"] == D0_ROWS
     assert summary["inputs"]["corrupt_lines"] == 0
     assert not {"unknown_index", "data_source_mismatch", "no_r_rec"} & set(summary["inputs"])
-    # reason: nothing parses, so r_rec = r_invalid = 0.25 in [0.2, 0.8]: every row is hard
+    # reason: nothing parses: the reward is r_invalid, the flywheel's score 0, in --hard-range [0, 1]: all hard
     assert {rec.rewards["r_rec"] for rec in records} == {R_INVALID}
     assert summary["base"] == {"kept_hard": D0_ROWS}
     assert summary["output"]["real"] == HARD_COPIES * D0_ROWS
