@@ -126,7 +126,7 @@ selfemo_keep_metrics() {
 # Score EVAL_SPLITS once with the checkpoint chosen on val, with the training token budgets; write the report.
 selfemo_evaluate() {
   local split mode a budgets=() reports=()
-  for a in "$@"; do case $a in *selfemo.agent.max_tokens*) budgets+=(--train-override "$a") ;; esac; done
+  for a in "$@"; do case $a in *selfemo.agent.max_tokens*|*selfemo.agent.window=*) budgets+=(--train-override "$a") ;; esac; done
   for split in $EVAL_SPLITS; do
     for mode in generate consistency; do
       selfemo_step "$PYTHON" -m selfemo_verl.evaluate "$mode" --selection "$OUT_DIR/selection.json" \

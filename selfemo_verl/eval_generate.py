@@ -5,6 +5,9 @@ recognize step) or `prompts.respond_messages` / `prompts.judge_messages`, render
 chat template (`--chat-template-kwargs` as in `data.apply_chat_template_kwargs`). Backend: vLLM offline
 batch generation when vllm is importable (GPU), else transformers (CPU, or one CUDA device without vLLM).
 
+Window: every role sees the last `selfemo.agent.window` turns (`agent_window`, same sources as the budgets), as
+in training; the recognize prompt is rebuilt from `extra_info.window` like the training agent loop does.
+
 Token budgets: each role gets the budget training gives it, `selfemo.agent.max_tokens.<role>` read from
 selfemo_trainer.yaml (`role_budgets`), then from the user's training config (`--train-config`) and Hydra-style
 overrides (`--train-override`), so evaluation cuts answers where training does; `--max-new-tokens` overrides
@@ -33,20 +36,24 @@ from omegaconf.errors import OmegaConfBaseException
 
 from selfemo_verl.evaluate import InputError, atomic_write, native, score
 from selfemo_verl.labels import check_label_space, parse_emotions
-from selfemo_verl.prompts import judge_messages, parse_reply, respond_messages
+from selfemo_verl.prompts import judge_messages, parse_reply, recognize_messages, respond_messages
 from selfemo_verl.rewards import smoothed_iou
+from selfemo_verl.selfplay import recent_turns
 
 ROLES = ("recognize", "respond", "judge")
 TRAINER_YAML = Path(__file__).with_name("config") / "selfemo_trainer.yaml"
 BUDGET_KEY = "selfemo.agent.max_tokens"  # the key training's agent loop reads (selfemo_verl.agent_loop)
+WINDOW_KEY = "selfemo.agent.window"  # dialogue turns every role sees, as in training
+_EVAL_KEYS = (BUDGET_KEY, WINDOW_KEY)
 
 
 def _budget_overrides(overrides) -> list[str]:
-    """The Hydra-style overrides (leading + / ++ dropped) that set `selfemo.agent.max_tokens` or a role of it."""
+    """The Hydra-style overrides (leading + / ++ dropped) that set `selfemo.agent.max_tokens` (or a role of it)
+    or `selfemo.agent.window`."""
     keep = []
     for item in overrides:
         key = item.lstrip("+").partition("=")[0]
-        if key == BUDGET_KEY or key.startswith(BUDGET_KEY + "."):
+        if any(key == k or key.startswith(k + ".") for k in _EVAL_KEYS):
             keep.append(item.lstrip("+"))
     return keep
 
@@ -60,18 +67,10 @@ def _layer(source):
     return OmegaConf.load(source)
 
 
-def role_budgets(train_config=None, overrides=(), every_role=None) -> dict[str, int]:
-    """Tokens each role may generate, from the key training reads: `selfemo.agent.max_tokens.<role>`.
-
-    Sources, later wins: selfemo_trainer.yaml (training's defaults), `train_config` (the user's training YAML,
-    e.g. a round's resolved config.yaml), Hydra-style `overrides` (keys outside max_tokens are ignored), then
-    `every_role` for all roles (`--max-new-tokens`).
-
-    >>> role_budgets(overrides=["selfemo.agent.max_tokens.respond=200", "trainer.save_freq=5"])["respond"]
-    200
-    >>> role_budgets(every_role=6)
-    {'recognize': 6, 'respond': 6, 'judge': 6}
-    """
+def training_config(train_config=None, overrides=()):
+    """selfemo_trainer.yaml, then `train_config` (the user's training YAML), then the Hydra-style `overrides` of
+    `selfemo.agent.max_tokens` / `selfemo.agent.window` (others ignored), merged; later wins. Returns (config,
+    the layers merged)."""
     dotlist = _budget_overrides(overrides)
     layers = [TRAINER_YAML, *([train_config] if train_config is not None else []), *([dotlist] if dotlist else [])]
     config = OmegaConf.create()
@@ -80,6 +79,20 @@ def role_budgets(train_config=None, overrides=(), every_role=None) -> dict[str, 
             config = OmegaConf.merge(config, _layer(layer))
         except (yaml.YAMLError, OmegaConfBaseException) as err:  # a user file or override: one line naming it
             raise InputError(f"{layer}: not a valid config ({' '.join(str(err).split())[:200]})") from None
+    return config, layers
+
+
+def role_budgets(train_config=None, overrides=(), every_role=None) -> dict[str, int]:
+    """Tokens each role may generate, from the key training reads: `selfemo.agent.max_tokens.<role>`.
+
+    Sources (`training_config`), then `every_role` for all roles (`--max-new-tokens`).
+
+    >>> role_budgets(overrides=["selfemo.agent.max_tokens.respond=200", "trainer.save_freq=5"])["respond"]
+    200
+    >>> role_budgets(every_role=6)
+    {'recognize': 6, 'respond': 6, 'judge': 6}
+    """
+    config, layers = training_config(train_config, overrides)
     budgets = {role: every_role if every_role is not None else OmegaConf.select(config, f"{BUDGET_KEY}.{role}")
                for role in ROLES}
     for role, value in budgets.items():
@@ -87,6 +100,34 @@ def role_budgets(train_config=None, overrides=(), every_role=None) -> dict[str, 
             raise InputError(f"{BUDGET_KEY}.{role} = {value!r} (from {', '.join(map(str, layers))}): "
                              "expected an integer >= 1")
     return budgets
+
+
+def agent_window(train_config=None, overrides=()) -> int:
+    """Dialogue turns every role sees, from the key training reads: `selfemo.agent.window` (<= 0: all).
+
+    >>> agent_window(), agent_window(overrides=["selfemo.agent.window=4"])
+    (12, 4)
+    """
+    config, layers = training_config(train_config, overrides)
+    value = OmegaConf.select(config, WINDOW_KEY)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"{WINDOW_KEY} = {value!r} (from {', '.join(map(str, layers))}): expected an integer")
+    return value
+
+
+def _turns(window) -> list[dict]:
+    return [{"speaker": str(t["speaker"]), "text": str(t["text"])} for t in window]
+
+
+def recognize_chats(rows, window: int) -> list:
+    """The recognize prompt of each row as training's agent loop builds it: `recognize_messages` on the last
+    `window` turns of `extra_info.window`; the parquet's `prompt` for a row without a window."""
+    chats = []
+    for prompt, extra in zip(rows["prompt"], rows["extra_info"]):
+        turns = extra.get("window")
+        chats.append(recognize_messages(recent_turns(_turns(turns), window), str(extra["label_space"]))
+                     if turns is not None and len(turns) else prompt)
+    return chats
 
 
 def load_rows(path, limit=None):
@@ -228,7 +269,7 @@ def run_generate(args) -> dict:
     model, checkpoint = _model(args)
     generate, budgets = _generator(args, model, ["recognize"])
     rows = load_rows(args.data, args.limit)
-    outputs = generate(list(rows["prompt"]), desc="recognize")
+    outputs = generate(recognize_chats(rows, agent_window(args.train_config, args.train_override)), desc="recognize")
     lines = [json.dumps({"index": native(extra["index"]), "output": text}, ensure_ascii=False)
              for extra, text in zip(rows["extra_info"], outputs)]
     predictions = Path(args.out) / "predictions.jsonl"
@@ -240,13 +281,13 @@ def run_generate(args) -> dict:
     return metrics
 
 
-def _prefixes(rows) -> list[dict]:
-    """Rows usable for consistency: extra_info with a window and a non-empty next_speaker."""
+def _prefixes(rows, window: int) -> list[dict]:
+    """Rows usable for consistency: extra_info with a window and a non-empty next_speaker; the last `window` turns."""
     keep = []
     for extra in rows["extra_info"]:
-        window, speaker = extra.get("window"), extra.get("next_speaker")
-        if window is not None and len(window) and speaker:
-            keep.append({"window": [{"speaker": str(t["speaker"]), "text": str(t["text"])} for t in window],
+        turns, speaker = extra.get("window"), extra.get("next_speaker")
+        if turns is not None and len(turns) and speaker:
+            keep.append({"window": recent_turns(_turns(turns), window),
                          "next_speaker": str(speaker), "label_space": str(extra["label_space"])})
     return keep
 
@@ -293,7 +334,7 @@ def _judge_turns(generate, prefixes, responses) -> list[dict]:
 
 def run_consistency(args) -> dict:
     """Respond then judge on up to `--limit` usable prefixes; write OUT/consistency.json."""
-    prefixes = _prefixes(load_rows(args.data))[: args.limit]
+    prefixes = _prefixes(load_rows(args.data), agent_window(args.train_config, args.train_override))[: args.limit]
     if not prefixes:
         raise InputError(f"{args.data}: no rows with extra_info.window and next_speaker")
     spaces = {p["label_space"] for p in prefixes}

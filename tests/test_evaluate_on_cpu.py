@@ -428,7 +428,7 @@ def test_a_bad_selection_file_exits_2_and_model_and_selection_exclude_each_other
 
 def test_consistency_judge_is_blind_and_matches_by_smoothed_iou(meld_test):
     ScriptedGenerate = load_fakes().ScriptedGenerate
-    prefixes = eval_generate._prefixes(pd.read_parquet(meld_test).head(40))[:3]
+    prefixes = eval_generate._prefixes(pd.read_parquet(meld_test).head(40), 12)[:3]
     responses = ["<emotion>joy</emotion><reply>Great news!</reply>",  # judged joy -> match
                  "<emotion>anger</emotion><reply>Leave me alone.</reply>",  # judged sadness -> no match
                  "<emotion>fear</emotion> no reply tags"]  # reply fails -> not judged, counted as non-match
@@ -446,9 +446,26 @@ def test_consistency_judge_is_blind_and_matches_by_smoothed_iou(meld_test):
 
 def test_prefixes_skip_rows_without_a_next_speaker(meld_test):
     frame = pd.read_parquet(meld_test)
-    kept = eval_generate._prefixes(frame)
+    kept = eval_generate._prefixes(frame, 12)
     assert len(kept) == sum(bool(e["next_speaker"]) for e in frame["extra_info"]) < len(frame)
     assert all(p["window"] and p["next_speaker"] for p in kept)
+
+
+def test_eval_prompts_show_the_training_window_to_every_role(meld_test):
+    # reason (DESIGN §4): one window for all roles; evaluation cuts the dialogue where training does
+    frame = pd.read_parquet(meld_test).head(60)
+    long_rows = [i for i, e in enumerate(frame["extra_info"]) if len(e["window"]) > 3 and e["next_speaker"]]
+    assert long_rows, "the test needs rows with more than 3 turns of context"
+    window = eval_generate.agent_window(overrides=["selfemo.agent.window=3", "trainer.save_freq=5"])
+    assert window == 3 and eval_generate.agent_window() == 12  # reason: the YAML default
+    chats = eval_generate.recognize_chats(frame, window)
+    for i in long_rows:
+        turns = list(frame["extra_info"][i]["window"])[-3:]
+        dialogue = "\n".join(f"{t['speaker']}: {t['text']}" for t in turns)
+        user = chats[i][-1]["content"]
+        assert f"Dialogue:\n{dialogue}\n\n" in user  # reason: exactly the last 3 turns, nothing before them
+    prefixes = eval_generate._prefixes(frame, window)
+    assert all(len(p["window"]) <= 3 for p in prefixes) and any(len(p["window"]) == 3 for p in prefixes)
 
 
 # ---------------------------------------------------------------------------------------------- wiring
