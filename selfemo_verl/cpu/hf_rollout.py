@@ -2,12 +2,25 @@
 
 Three pieces, mirroring verl 0.9.1's vLLM backend:
 - `HFRolloutServer` (Ray actor): token-in/token-out `generate(...) -> TokenOutput` for the agent loops,
-  plus weight loading; every sync's counts are kept (`weight_sync_stats`) and, when the env var
+  plus weight loading; every sync's counts, the received tensors' norm and their distance from the
+  previous weights (`norm`, `delta_norm`) are kept (`weight_sync_stats`) and, when the env var
   `SELFEMO_HF_SYNC_LOG` names a file, appended to it as one JSON line (tests and smoke runs read it).
 - `HFServerAdapter` (BaseRollout, lives in the trainer worker): forwards the trainer's full tensors to
   the server on `update_weights`.
 - `HFReplica` (RolloutReplica): launches one server per replica.
 Generation itself is `selfemo_verl.cpu.hf_generate` (no verl there).
+
+Fault injection (tests of the infra-error path, DESIGN §3.2; off by default), read from the environment when
+the server starts (Ray workers inherit the driver's):
+- `SELFEMO_HF_FAIL_FIRST_CALLS=0.25`: the server fails that share of the calls whose request id it sees for
+  the first time, on a fixed seeded pattern (exactly floor(N * share) or one more of the first N new ids);
+- `SELFEMO_HF_FAIL_MODE=raise` (default: `generate` raises `InjectedServerError`) or `abort` (it returns no
+  tokens with stop_reason "aborted");
+- `SELFEMO_HF_FAIL_SEED=0`: phase of the pattern.
+verl 0.9.1's client sends a fresh uuid per call unless `actor_rollout_ref.rollout.full_determinism=true`, so by
+default every call counts as new (recognize, respond, judge alike); with full determinism only an episode's
+first call and its judge calls are new. verl's v1 client retries an aborted call after 1 s, so `abort` tests
+that retry rather than an episode failure. Details: `selfemo_verl.cpu.faults`.
 """
 
 from __future__ import annotations
@@ -27,6 +40,7 @@ from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.replica import RolloutReplica, TokenOutput
 
 from selfemo_verl.cpu import verl_private
+from selfemo_verl.cpu.faults import faults_from_env
 from selfemo_verl.cpu.hf_generate import HFGenerator, WeightSync, parse_sampling
 
 logger = logging.getLogger(__name__)
@@ -65,6 +79,9 @@ class HFRolloutServerImpl:
         self.sync_stats: list[dict] = []
         self._sync: WeightSync | None = None
         self._lock = asyncio.Lock()
+        self.faults = faults_from_env()
+        if self.faults is not None:
+            logger.warning("[hf rollout] fault injection on: %s", self.faults)
 
     def get_server_address(self) -> tuple[str, int]:
         return "127.0.0.1", 0  # token-in/token-out through the actor handle; no HTTP endpoint
@@ -82,9 +99,20 @@ class HFRolloutServerImpl:
         if room < 1:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in the context")
         sampling = parse_sampling(dict(sampling_params), default, room)
+        if self.faults is not None and self.faults.should_fail(request_id):
+            return self._injected_fault(request_id)
         async with self._lock:  # one request at a time: the model is not re-entrant
             out = await asyncio.to_thread(self.engine.generate, prompt_ids, sampling)
         return TokenOutput(token_ids=out.token_ids, log_probs=out.log_probs, stop_reason=out.stop_reason,
+                           extra_fields={"global_steps": self.global_steps})
+
+    def _injected_fault(self, request_id) -> TokenOutput:
+        """Raise (mode `raise`) or answer "aborted" with no tokens (mode `abort`)."""
+        logger.warning("[hf rollout] injected fault %d (%s) on request %s", self.faults.failed, self.faults.mode,
+                       request_id)
+        if self.faults.mode == "raise":
+            raise self.faults.error(request_id)
+        return TokenOutput(token_ids=[], log_probs=[], stop_reason="aborted",
                            extra_fields={"global_steps": self.global_steps})
 
     async def begin_weight_sync(self) -> None:
@@ -138,9 +166,9 @@ class HFRolloutServerImpl:
 
 
 def _append_sync_log(stats: dict) -> None:
-    logger.warning("[hf rollout] weight sync %s: loaded %s/%s tensors, missing=%s unexpected=%s mismatched=%s",
-                   stats["sync"], stats["loaded"], stats["received"], stats["missing"], stats["unexpected"],
-                   stats["mismatched"])
+    logger.warning("[hf rollout] weight sync %s: loaded %s/%s tensors, missing=%s unexpected=%s mismatched=%s "
+                   "norm=%.6g delta_norm=%.6g", stats["sync"], stats["loaded"], stats["received"], stats["missing"],
+                   stats["unexpected"], stats["mismatched"], stats["norm"], stats["delta_norm"])
     path = os.environ.get(SYNC_LOG_ENV)
     if path:
         with open(path, "a") as f:
