@@ -82,10 +82,10 @@ def _unclipped(scores, ids, n_groups, consistency, member, consistency_weight, s
 
 
 def _member_mask(member, like: torch.Tensor) -> torch.Tensor:
-    """(bs,) bool tensor on `like`'s device; None means every row is a member."""
+    """(bs,) bool tensor on `like`'s device from a list, numpy array or tensor (any device); None = every row."""
     if member is None:
         return torch.ones(like.shape, dtype=torch.bool, device=like.device)
-    mask = torch.as_tensor(np.asarray(member, dtype=bool), device=like.device).reshape(-1)
+    mask = torch.as_tensor(member).to(device=like.device, dtype=torch.bool).reshape(-1)
     if mask.shape != like.shape:
         raise ValueError(f"member has shape {tuple(mask.shape)} for {tuple(like.shape)} episodes")
     return mask
@@ -175,7 +175,7 @@ def self_grpo_stats(
     keep = _member_mask(member, scores)
     ids, n_groups = group_ids(np.asarray(index)[keep.numpy()])
     v = scores[keep].to(torch.float64)
-    c = None if consistency is None else np.asarray(consistency, dtype=np.float64)[keep.numpy()]
+    c = None if consistency is None else torch.as_tensor(consistency).to("cpu", torch.float64).reshape(-1)[keep]
     gmax = torch.full((n_groups,), -math.inf, dtype=torch.float64).scatter_reduce(0, ids, v, "amax")
     gmin = torch.full((n_groups,), math.inf, dtype=torch.float64).scatter_reduce(0, ids, v, "amin")
     count = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, ids, torch.ones_like(v))
@@ -185,5 +185,5 @@ def self_grpo_stats(
     return {
         "zero_std_groups": float(((gmax == gmin) & (count > 1)).sum().item()),
         "adv_clip_frac": clipped,
-        "consistency_mean": float(c.mean()) if c is not None and c.size else 0.0,
+        "consistency_mean": float(c.mean()) if c is not None and c.numel() else 0.0,
     }

@@ -14,6 +14,7 @@ CORE_MODULES = [
     "selfemo_verl.rewards",
     "selfemo_verl.advantage",
     "selfemo_verl.model_select",
+    "selfemo_verl.gpu_check",
     "selfemo_verl.erc_data",
     "selfemo_verl.episodes",
     "selfemo_verl.flywheel",
