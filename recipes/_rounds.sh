@@ -4,8 +4,12 @@
 # `selfemo_rounds "$@"` ("$@" = extra Hydra overrides applied to every round). For r = 0 .. ROUNDS-1:
 #   train    python -m selfemo_verl.main ... data.train_files=D_r  (episodes dumped to round_r/dumps)
 #   flywheel python data_prep/flywheel.py --dumps round_r/dumps --base D_r --out round_{r+1}/train.parquet
-#            (not after the last round; D_0 = DATA_DIR/train.parquet from data_prep/prepare_erc.py)
-#   round r+1 starts from round r's last HF checkpoint (fresh optimizer; the KL reference = that model too).
+#            (not after the last round)
+#   round r+1 starts from round r's last HF checkpoint (fresh optimizer; the KL reference = that model too), once
+#   `python -m selfemo_verl.round_inputs export` has found its weight files (config.json alone is not enough).
+# D_0 = DATA_DIR/train.parquet, prepared once by `python -m selfemo_verl.round_inputs data`: from RAW_DIR when set,
+# else from ../shared/data/$DATASET when it exists (our machines), else MELD / EmoryNLP are downloaded into
+# DATA_DIR/raw (pinned commit, sha256-checked; DATA_URL = a mirror); IEMOCAP without RAW_DIR stops (exit 2).
 # Every round validates and saves at the same steps (VAL_FREQ and its last step; checked before training by
 # `python -m selfemo_verl.model_select check`) and keeps every checkpoint. Then model selection on val
 # (DESIGN §9): `python -m selfemo_verl.model_select select` picks, over all rounds, the checkpoint with the best
@@ -16,12 +20,14 @@
 # (inside a round, verl's trainer.resume_mode=auto resumes from the round's last checkpoint; verl's file logger
 # truncates metrics.jsonl, so an interrupted attempt's lines are kept as metrics_attempt_<k>.jsonl).
 #
-# DRY_RUN=1: write every round's overrides to OUT_DIR/round_r/overrides.txt, compose + validate them on CPU
-# with recipes/check_config.py (no GPU, no data needed) and print the exact commands; nothing is trained.
+# DRY_RUN=1: write every round's overrides to OUT_DIR/round_r/overrides.txt, check them with recipes/check_config.py
+# (compose + validate, plus what the cluster would refuse: GPU arithmetic, model path, response budget, packages;
+# no GPU, no data, no model download needed) and print the exact commands; nothing is trained or downloaded.
 
 PYTHON=${PYTHON:-python3}
 DATASET=${DATASET:-meld}                     # meld | emorynlp | iemocap
-RAW_DIR=${RAW_DIR:-../shared/data/$DATASET}  # raw dataset files (see data/README.md); used if DATA_DIR lacks parquet
+RAW_DIR=${RAW_DIR:-}                         # raw dataset files (data/README.md); unset: offline copy or download
+DATA_URL=${DATA_URL:-}                       # download mirror of declare-lab/MELD (unset: the pinned GitHub commit)
 DATA_DIR=${DATA_DIR:-data/$DATASET}          # {train,val,test}.parquet from data_prep/prepare_erc.py
 OUT_DIR=${OUT_DIR:-outputs/$EXPERIMENT}      # round_r/{ckpt,dumps,train.parquet}, eval/
 ROUNDS=${ROUNDS:-3}                          # self-evolution rounds (trainings); ROUNDS-1 flywheel stages
@@ -85,7 +91,6 @@ selfemo_common_overrides() {
   )
   # ---------------- trainer ----------------
   TRAINER=(
-    trainer.balance_batch=True
     trainer.logger="$LOGGER"
     trainer.project_name=selfemo
     trainer.n_gpus_per_node="$NGPUS"
@@ -104,15 +109,10 @@ selfemo_step() {
   if [ "$DRY_RUN" != 1 ]; then "$@"; fi
 }
 
-# The HF model directory of round r's last checkpoint (a placeholder path under DRY_RUN).
+# The HF model directory of round r's last checkpoint, its weight files checked (a placeholder path under DRY_RUN).
 selfemo_round_model() {
-  local ckpt=$1/ckpt step
-  if [ "$DRY_RUN" = 1 ]; then echo "$ckpt/global_step_LAST/$HF_SUBDIR"; return; fi
-  step=$(cat "$ckpt/latest_checkpointed_iteration.txt")
-  if [ ! -f "$ckpt/global_step_$step/$HF_SUBDIR/config.json" ]; then
-    echo "no HF model at $ckpt/global_step_$step/$HF_SUBDIR (trainer.save_freq must be > 0)" >&2; return 1
-  fi
-  echo "$ckpt/global_step_$step/$HF_SUBDIR"
+  if [ "$DRY_RUN" = 1 ]; then echo "$1/ckpt/global_step_LAST/$HF_SUBDIR"; return; fi
+  "$PYTHON" -m selfemo_verl.round_inputs export "$1/ckpt" "$HF_SUBDIR"   # exit 2: no weights to start from
 }
 
 # verl's file logger truncates its file: keep an interrupted attempt's lines (model selection reads them all).
@@ -142,9 +142,9 @@ selfemo_rounds() {
   DATA_DIR=$(realpath -m "$DATA_DIR") OUT_DIR=$(realpath -m "$OUT_DIR")  # absolute: Ray workers have another cwd
   selfemo_common_overrides
   mkdir -p "$OUT_DIR"
-  if [ ! -f "$DATA_DIR/train.parquet" ]; then
-    selfemo_step "$PYTHON" data_prep/prepare_erc.py --dataset "$DATASET" --raw-dir "$RAW_DIR" --out-dir "$DATA_DIR"
-  fi
+  local dry=(); if [ "$DRY_RUN" = 1 ]; then dry=(--dry-run); fi
+  "$PYTHON" -m selfemo_verl.round_inputs data "$DATASET" "$DATA_DIR" --raw-dir "$RAW_DIR" \
+    --offline-dir "../shared/data/$DATASET" --base-url "$DATA_URL" "${dry[@]}"   # no-op when the parquet exists
   local base=$DATA_DIR/train.parquet model=$MODEL_PATH r rdir checks=() rdirs=() args=()
   for ((r = 0; r < ROUNDS; r++)); do
     rdir=$OUT_DIR/round_$r

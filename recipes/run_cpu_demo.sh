@@ -12,7 +12,16 @@ PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo pyt
 STEPS=${STEPS:-8}                 # training steps (4 prompts x 4 episodes each)
 N_DEV=${N_DEV:-48}                # MELD-dev rows scored before and after (fixed: data.seed)
 OUT_DIR=${OUT_DIR:-outputs/cpu_demo}
+RAW_DIR=${RAW_DIR:-}              # raw MELD CSVs; unset: ../shared/data/meld when it exists, else downloaded
+DATA_URL=${DATA_URL:-}            # download mirror of declare-lab/MELD (unset: the pinned GitHub commit)
+WINDOW=${WINDOW:-4}               # dialogue turns per prompt (run_cpu_smoke.sh's default)
 MODEL_PATH=${MODEL_PATH:-$($PYTHON -c "from selfemo_verl.cpu.assets import smollm2_dir; print(smollm2_dir())")}
+mkdir -p "$OUT_DIR" && OUT_DIR=$(cd "$OUT_DIR" && pwd)
+DATA_DIR=${DATA_DIR:-$OUT_DIR/data}
+
+# ---------------- data: MELD parquet from RAW_DIR, the offline copy, or a pinned sha256-checked download --------------
+$PYTHON -m selfemo_verl.round_inputs data meld "$DATA_DIR" --raw-dir "$RAW_DIR" --offline-dir ../shared/data/meld \
+  --base-url "$DATA_URL" --window "$WINDOW"   # no-op when DATA_DIR/train.parquet exists
 
 # ---------------- validation: the same fixed MELD-dev subset before and after training ----------------
 EVAL=(
@@ -31,6 +40,6 @@ EPISODES=(
   trainer.experiment_name=demo
 )
 
-MODEL_PATH="$MODEL_PATH" STEPS="$STEPS" OUT_DIR="$OUT_DIR" \
+MODEL_PATH="$MODEL_PATH" STEPS="$STEPS" OUT_DIR="$OUT_DIR" DATA_DIR="$DATA_DIR" WINDOW="$WINDOW" \
   bash recipes/run_cpu_smoke.sh "${EVAL[@]}" "${EPISODES[@]}" "$@"
 $PYTHON -m selfemo_verl.demo_report "$OUT_DIR/metrics.jsonl" --dataset meld --out "$OUT_DIR"

@@ -15,6 +15,8 @@ CORE_MODULES = [
     "selfemo_verl.advantage",
     "selfemo_verl.model_select",
     "selfemo_verl.gpu_check",
+    "selfemo_verl.preflight",
+    "selfemo_verl.round_inputs",
     "selfemo_verl.erc_data",
     "selfemo_verl.episodes",
     "selfemo_verl.flywheel",
