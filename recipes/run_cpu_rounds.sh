@@ -36,8 +36,7 @@ for ((r = 0; r < ROUNDS; r++)); do
   OUT_DIR=$rdir DATA_DIR=$data STEPS=$STEPS MODEL_PATH=$model bash recipes/run_cpu_smoke.sh \
     selfemo.dump.enable=True selfemo.dump.dir="$rdir/dumps" "${SELECT[@]}" \
     actor_rollout_ref.actor.checkpoint.save_contents='[model,hf_model]' trainer.experiment_name="smoke_r$r" "$@"
-  model=$rdir/ckpt/global_step_$STEPS/actor/huggingface
-  [ -f "$model/config.json" ] || { echo "run_cpu_rounds.sh: no HF model at $model" >&2; exit 1; }
+  model=$($PYTHON -m selfemo_verl.round_inputs export "$rdir/ckpt" actor/huggingface)  # its weights checked
   if ((r + 1 < ROUNDS)); then
     next=$OUT_DIR/round_$((r + 1))/data
     mkdir -p "$next" && ln -sf "$DATA_DIR/val.parquet" "$next/val.parquet"

@@ -12,7 +12,8 @@ writes the choice as JSON to FILE and prints it. A bad file or no candidate: one
 
 Rules:
 1. A candidate is a (round, step) with both a finite `val-core/selfemo/weighted_f1/<dataset>` logged at that
-   step and a saved HF model. A validation without a checkpoint (e.g. step 0 from `trainer.val_before_train`:
+   step and a complete saved HF model (config.json and its weight files, `round_inputs.check_export`; an export
+   without weights is listed under `incomplete_exports`). A validation without a checkpoint (e.g. step 0 from `trainer.val_before_train`:
    the starting model) or a checkpoint without a validation cannot be chosen; both are listed as skipped.
 2. The best val weighted-F1 wins; ties go to the earlier (round, step).
 3. verl 0.9.1's v1 trainer saves (`trainer.save_freq`) and then validates (`trainer.test_freq`) the same
@@ -35,6 +36,8 @@ import yaml
 
 from selfemo_verl.demo_report import read_metrics
 from selfemo_verl.evaluate import atomic_write
+from selfemo_verl.preflight import PreflightError
+from selfemo_verl.round_inputs import check_export
 
 METRIC = "val-core/selfemo/weighted_f1/{dataset}"
 _ATTEMPT = re.compile(r"metrics_attempt_(\d+)\.jsonl")
@@ -91,43 +94,57 @@ def val_scores(files: list[Path], metric: str) -> dict[int, float]:
     return {step: value for step, value in scores.items() if math.isfinite(value)}
 
 
-def saved_models(round_dir: Path, hf_subdir: str) -> dict[int, str]:
-    """{step: HF model dir} of the round's checkpoints that hold an HF model (its config.json)."""
-    out = {}
+def saved_models(round_dir: Path, hf_subdir: str) -> tuple[dict[int, str], list[dict]]:
+    """({step: HF model dir} of the round's checkpoints whose HF export is complete, [the others with the reason]).
+
+    Complete = `round_inputs.check_export`: config.json and weight files that hold the parameter count (FSDP
+    writes config.json even when it saved no weights; such an export cannot be evaluated).
+    """
+    out, broken = {}, []
     for step_dir in (round_dir / "ckpt").glob("global_step_*"):
         step = step_dir.name.removeprefix("global_step_")
-        if step.isdigit() and (step_dir / hf_subdir / "config.json").is_file():
-            out[int(step)] = str(step_dir / hf_subdir)
-    return out
+        if not (step.isdigit() and (step_dir / hf_subdir / "config.json").is_file()):
+            continue
+        try:
+            check_export(step_dir / hf_subdir)
+        except PreflightError as exc:
+            broken.append({"step": int(step), "path": str(step_dir / hf_subdir), "reason": str(exc)})
+            continue
+        out[int(step)] = str(step_dir / hf_subdir)
+    return out, sorted(broken, key=lambda b: b["step"])
 
 
-def round_candidates(r: int, round_dir: Path, metric: str, hf_subdir: str) -> tuple[list[Candidate], list[dict]]:
-    """(validated steps as candidates, checkpoints that were never validated) of round r."""
-    scores, models = val_scores(metrics_files(round_dir), metric), saved_models(round_dir, hf_subdir)
+def round_candidates(r: int, round_dir: Path, metric: str, hf_subdir: str):
+    """(validated steps as candidates, checkpoints never validated, incomplete exports) of round r."""
+    scores = val_scores(metrics_files(round_dir), metric)
+    models, broken = saved_models(round_dir, hf_subdir)
     candidates = [Candidate(r, step, value, models.get(step)) for step, value in sorted(scores.items())]
     unvalidated = [{"round": r, "step": step, "path": path} for step, path in sorted(models.items())
                    if step not in scores]
-    return candidates, unvalidated
+    return candidates, unvalidated, [{"round": r, **b} for b in broken]
 
 
 def select(round_dirs, dataset: str, hf_subdir: str) -> dict:
     """The choice over all rounds as a JSON-ready dict: metric, chosen, every validated step, skipped ones."""
     round_dirs = [Path(d) for d in round_dirs]
-    metric, candidates, unvalidated = METRIC.format(dataset=dataset), [], []
+    metric, candidates, unvalidated, incomplete = METRIC.format(dataset=dataset), [], [], []
     for r, round_dir in enumerate(round_dirs):
-        found, never = round_candidates(r, round_dir, metric, hf_subdir)
-        candidates, unvalidated = candidates + found, unvalidated + never
+        found, never, broken = round_candidates(r, round_dir, metric, hf_subdir)
+        candidates, unvalidated, incomplete = candidates + found, unvalidated + never, incomplete + broken
     try:
         chosen = best(candidates)
     except SelectionError:
         no_ckpt = [(c.round, c.step) for c in candidates]
         raise SelectionError(
             f"no checkpoint to choose in {[str(d) for d in round_dirs]}: validated (round, step) {no_ckpt} have no "
-            f"{hf_subdir}/config.json; checkpoints without {metric}: {[(u['round'], u['step']) for u in unvalidated]}"
+            f"complete {hf_subdir} export; checkpoints without {metric}: "
+            f"{[(u['round'], u['step']) for u in unvalidated]}; incomplete exports: "
+            f"{[(b['round'], b['step']) for b in incomplete]}"
         ) from None
     return {"metric": metric, "rule": "max val weighted-F1 over all rounds; ties -> earlier (round, step)",
             "chosen": {**asdict(chosen), "round_dir": str(round_dirs[chosen.round])},
-            "validated": [asdict(c) for c in candidates], "not_validated": unvalidated}
+            "validated": [asdict(c) for c in candidates], "not_validated": unvalidated,
+            "incomplete_exports": incomplete}
 
 
 def _last_values(overrides) -> dict[str, str]:

@@ -26,13 +26,24 @@ def make_round(root: Path, r: int, val: dict, saved=(), lines_file="metrics.json
     and an HF checkpoint at each step of `saved`."""
     rdir = root / f"round_{r}"
     for step in saved:
-        (rdir / "ckpt" / f"global_step_{step}" / HF).mkdir(parents=True)
-        (rdir / "ckpt" / f"global_step_{step}" / HF / "config.json").write_text("{}")
+        save_export(rdir / "ckpt" / f"global_step_{step}" / HF)
     rdir.mkdir(parents=True, exist_ok=True)
     lines = [{"step": s, "data": {"critic/score/mean": 0.1, **({KEY: v} if v is not None else {})}}
              for s, v in val.items()]
     (rdir / lines_file).write_text("".join(json.dumps(line) + "\n" for line in lines))
     return rdir
+
+
+TINY = {"vocab_size": 32, "hidden_size": 8, "num_hidden_layers": 1, "intermediate_size": 16,
+        "num_attention_heads": 2}  # about 1.1k parameters
+
+
+def save_export(hf_dir: Path, weights: bool = True) -> None:
+    """An HF export as FSDP writes it: config.json, and (unless `weights` is False) a weight file of 2 bytes/param."""
+    hf_dir.mkdir(parents=True)
+    (hf_dir / "config.json").write_text(json.dumps(TINY))
+    if weights:
+        (hf_dir / "model.safetensors").write_bytes(b"\0" * 4096)
 
 
 def chosen(choice: dict) -> tuple:
@@ -55,6 +66,14 @@ def test_ties_go_to_the_earlier_round_then_the_earlier_step(tmp_path):
               make_round(tmp_path, 1, {10: 0.5, 20: 0.5}, saved=(10, 20))]
     assert chosen(select(rounds, "meld", HF)) == (0, 20, 0.5)  # reason: three-way tie, round 0 step 20 is first
     assert chosen(select(rounds[1:], "meld", HF)) == (0, 10, 0.5)  # reason: same round: step 10 before step 20
+
+
+def test_an_export_without_weight_files_cannot_be_chosen(tmp_path):
+    rounds = [make_round(tmp_path, 0, {10: 0.4, 20: 0.9}, saved=(10,))]
+    save_export(rounds[0] / "ckpt" / "global_step_20" / HF, weights=False)  # reason: config.json alone, no weights
+    choice = select(rounds, "meld", HF)
+    assert chosen(choice) == (0, 10, 0.4)  # reason: the better step 20 has nothing to evaluate
+    assert [(b["step"], "no weight files" in b["reason"]) for b in choice["incomplete_exports"]] == [(20, True)]
 
 
 def test_steps_without_a_validation_or_without_a_checkpoint_cannot_be_chosen(tmp_path):

@@ -365,8 +365,12 @@ def test_no_validated_checkpoint_stops_the_recipe_before_evaluation(tmp_path):
 def test_a_resumed_round_keeps_the_interrupted_attempts_metrics_for_selection(tmp_path):
     hf = HF_SUBDIR["fsdp"]
     r0 = tmp_path / "out" / "round_0"
-    (r0 / "ckpt" / "global_step_3" / hf).mkdir(parents=True)  # reason: the attempt saved and validated step 3
-    (r0 / "ckpt" / "global_step_3" / hf / "config.json").write_text("{}")
+    saved = r0 / "ckpt" / "global_step_3" / hf
+    saved.mkdir(parents=True)  # reason: the attempt saved (a complete export) and validated step 3
+    tiny = {"vocab_size": 64, "hidden_size": 8, "num_hidden_layers": 1, "intermediate_size": 16,
+            "num_attention_heads": 2}
+    (saved / "config.json").write_text(json.dumps(tiny))
+    (saved / "model.safetensors").write_bytes(b"\0" * 8192)
     (r0 / "metrics.jsonl").write_text(json.dumps({"step": 3, "data": {"val-core/selfemo/weighted_f1/meld": 0.9}}))
     result, _ = _fake_run(tmp_path, "run_qwen3_8b.sh", HF_SUBDIR_EXPECTED=hf, ROUNDS="1",
                           VAL_F1=json.dumps(VAL_F1[:1]))
