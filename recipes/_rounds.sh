@@ -20,6 +20,12 @@
 # (inside a round, verl's trainer.resume_mode=auto resumes from the round's last checkpoint; verl's file logger
 # truncates metrics.jsonl, so an interrupted attempt's lines are kept as metrics_attempt_<k>.jsonl).
 #
+# Multi-node (recipes/README.md "Cluster"): with RAY_ADDRESS set, the driver joins that Ray cluster (NNODES nodes x
+# NGPUS) instead of starting one; `python -m selfemo_verl.ray_env check-shared` first checks that every node sees
+# OUT_DIR and DATA_DIR (remote workers write checkpoints, dumps and metrics there). In every round, the exported
+# variables the workers need (VERL_FILE_LOGGER_PATH, SELFEMO_*, VERL_*, ... : the list is selfemo_verl/ray_env.py)
+# go to every Ray worker as `++ray_kwargs.ray_init.runtime_env.env_vars.*` overrides, on one node or many.
+#
 # DRY_RUN=1: write every round's overrides to OUT_DIR/round_r/overrides.txt, check them with recipes/check_config.py
 # (compose + validate, plus what the cluster would refuse: GPU arithmetic, model path, response budget, packages;
 # no GPU, no data, no model download needed) and print the exact commands; nothing is trained or downloaded.
@@ -45,6 +51,7 @@ LOGGER=${LOGGER:-'["console","file"]'}       # must hold "file" (model selection
 EVAL_SPLITS=${EVAL_SPLITS:-test}             # e.g. "val test"
 THINKING=${THINKING:-false}                  # Qwen3 chat template enable_thinking (false: short answers, no <think>)
 DRY_RUN=${DRY_RUN:-0}
+RAY_ADDRESS=${RAY_ADDRESS:-}                 # host:port of a Ray cluster started beforehand (unset: a local one)
 
 selfemo_common_overrides() {
   # ---------------- algorithm: SELF-GRPO (selfemo_trainer.yaml: adv_estimator=self_grpo) + KL loss ----------------
@@ -145,21 +152,26 @@ selfemo_rounds() {
   local dry=(); if [ "$DRY_RUN" = 1 ]; then dry=(--dry-run); fi
   "$PYTHON" -m selfemo_verl.round_inputs data "$DATASET" "$DATA_DIR" --raw-dir "$RAW_DIR" \
     --offline-dir "../shared/data/$DATASET" --base-url "$DATA_URL" "${dry[@]}"   # no-op when the parquet exists
-  local base=$DATA_DIR/train.parquet model=$MODEL_PATH r rdir checks=() rdirs=() args=()
+  if [ -n "$RAY_ADDRESS" ]; then   # waits for NNODES nodes; exit 2 unless each sees OUT_DIR and DATA_DIR
+    selfemo_step "$PYTHON" -m selfemo_verl.ray_env check-shared --nodes "$NNODES" "$OUT_DIR" "$DATA_DIR"
+  fi
+  local base=$DATA_DIR/train.parquet model=$MODEL_PATH r rdir checks=() rdirs=() args=() ray_env=() lines
   for ((r = 0; r < ROUNDS; r++)); do
     rdir=$OUT_DIR/round_$r
     rdirs+=("$rdir")
     mkdir -p "$rdir"
+    export VERL_FILE_LOGGER_PATH=$rdir/metrics.jsonl  # verl's "file" logger: one JSON object per step
+    lines=$("$PYTHON" -m selfemo_verl.ray_env overrides)  # the exported variables every Ray worker must see
+    ray_env=(); if [ -n "$lines" ]; then mapfile -t ray_env <<< "$lines"; fi
     args=("${ALGORITHM[@]}" "${DATA[@]}" "${SELFEMO[@]}" "${ACTOR[@]}" "${BACKEND[@]}" "${TRAINER[@]}"
       data.train_files="$base" actor_rollout_ref.model.path="$model" selfemo.dump.dir="$rdir/dumps"
-      trainer.default_local_dir="$rdir/ckpt" trainer.experiment_name="${EXPERIMENT}_r$r" "$@")
+      trainer.default_local_dir="$rdir/ckpt" trainer.experiment_name="${EXPERIMENT}_r$r" "${ray_env[@]}" "$@")
     "$PYTHON" -m selfemo_verl.model_select check "${args[@]}"  # save_freq = test_freq > 0, file logger, keep all
     if [ "$DRY_RUN" = 1 ]; then printf '%s\n' "${args[@]}" > "$rdir/overrides.txt"; checks+=("$rdir/overrides.txt"); fi
     if [ -f "$rdir/DONE" ]; then
       echo "round $r: $rdir/DONE exists, not retrained"
     else
       selfemo_keep_metrics "$rdir"
-      export VERL_FILE_LOGGER_PATH=$rdir/metrics.jsonl  # verl's "file" logger: one JSON object per step
       selfemo_step "$PYTHON" -m selfemo_verl.main "${args[@]}"
       if [ "$DRY_RUN" != 1 ]; then touch "$rdir/DONE"; fi
     fi

@@ -17,6 +17,7 @@ CORE_MODULES = [
     "selfemo_verl.gpu_check",
     "selfemo_verl.preflight",
     "selfemo_verl.round_inputs",
+    "selfemo_verl.ray_env",
     "selfemo_verl.erc_data",
     "selfemo_verl.episodes",
     "selfemo_verl.flywheel",

@@ -224,7 +224,8 @@ FAKE_PYTHON = r"""#!/usr/bin/env bash
 echo "$*" >> "$CALLS"
 case "$1 $2 $3" in
   "-m selfemo_verl.main "*) exec "$REAL_PYTHON" -c "$FAKE_TRAIN" "$@" ;;
-  "-m selfemo_verl.model_select "*|"-m selfemo_verl.round_inputs "*|data_prep/flywheel.py*) exec "$REAL_PYTHON" "$@" ;;
+  "-m selfemo_verl.model_select "*|"-m selfemo_verl.round_inputs "*|"-m selfemo_verl.ray_env "*|data_prep/flywheel.py*)
+    exec "$REAL_PYTHON" "$@" ;;
   "-m selfemo_verl.evaluate generate"|"-m selfemo_verl.evaluate consistency")
     exec "$REAL_PYTHON" -c "$WHICH_MODEL" "${@:3}" ;;
 esac
@@ -309,7 +310,7 @@ def test_round_loop_chains_flywheel_data_and_checkpoints_and_a_rerun_skips_finis
     result, calls = _fake_run(tmp_path, script, HF_SUBDIR_EXPECTED=hf)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = calls.read_text().splitlines()
-    round_ = ["model_select check", "selfemo_verl.main", "round_inputs export"]
+    round_ = ["ray_env overrides", "model_select check", "selfemo_verl.main", "round_inputs export"]
     assert [_program(line) for line in lines] == [
         "round_inputs data", *round_, "data_prep/flywheel.py", *round_, "data_prep/flywheel.py", *round_,
         "model_select select", "evaluate generate", "EVAL", "evaluate consistency", "EVAL", "evaluate report"]
