@@ -22,7 +22,9 @@ def repo_root() -> Path:
 
 
 # `make test-fast` (-m "not slow"): the end-to-end runs of the real verl trainer take minutes each.
+# So are the recipe dry runs and CLI start-ups (8-25 s each: they compose verl's config in a fresh process).
 SLOW_FILES = {"test_cpu_e2e_on_cpu.py", "test_rounds_cpu_e2e_on_cpu.py"}
+SLOW_NAME_PARTS = ("dry_run", "entrypoint", "smollm2", "local_model_is_measured", "round_loop_chains")
 
 
 def pytest_configure(config):
@@ -31,5 +33,5 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.path.name in SLOW_FILES:
+        if item.path.name in SLOW_FILES or any(part in item.name for part in SLOW_NAME_PARTS):
             item.add_marker(pytest.mark.slow)
