@@ -2,7 +2,8 @@
 # SELF-EMO on CPU: the real verl 0.9.1 trainer (python -m selfemo_verl.main, SELF-GRPO) runs the real self-play
 # loop on MELD with the tiny Qwen3 primed on the answer format (selfemo_verl.cpu.assets.primed_tiny_model_dir:
 # it answers in tags with random labels, so episodes of a group differ and advantages are non-zero), through the
-# CPU backend (platform "cpu", rollout "hf"). Actor: fp32 weights, verl's default bf16 compute (FSDP2).
+# CPU backend (platform "cpu", rollout "hf"). Actor, reference and rollout compute in fp32 on every CPU
+# (selfemo_verl.cpu.launch.precision_overrides; the log's "precision=" line names the CPU's capability).
 # Writes one JSON object per step to $OUT_DIR/metrics.jsonl (verl's "file" logger) and one per weight sync to
 # $OUT_DIR/weight_sync.jsonl. Usage: recipes/run_cpu_smoke.sh [extra hydra overrides...]
 set -euo pipefail
@@ -22,6 +23,7 @@ if [ ! -f "$DATA_DIR/train.parquet" ]; then
 fi
 eval "$($PYTHON -m selfemo_verl.cpu.launch env)"
 mapfile -t CPU_OVERRIDES < <($PYTHON -m selfemo_verl.cpu.launch overrides)
+$PYTHON -m selfemo_verl.cpu.launch precision                 # one line for the log: fp32, CPU capability
 rm -f "$OUT_DIR/metrics.jsonl" "$OUT_DIR/weight_sync.jsonl"
 export VERL_FILE_LOGGER_PATH="$OUT_DIR/metrics.jsonl"     # verl's "file" logger: one JSON object per step
 export SELFEMO_HF_SYNC_LOG="$OUT_DIR/weight_sync.jsonl"   # hf rollout: one JSON object per weight sync

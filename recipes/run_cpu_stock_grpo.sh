@@ -16,6 +16,7 @@ REWARD_FILE=$($PYTHON -c "import selfemo_verl.cpu.toy_task as t; print(t.__file_
 $PYTHON -m selfemo_verl.cpu.toy_task "$DATA_DIR" >/dev/null
 eval "$($PYTHON -m selfemo_verl.cpu.launch env)"
 mapfile -t CPU_OVERRIDES < <($PYTHON -m selfemo_verl.cpu.launch overrides)
+$PYTHON -m selfemo_verl.cpu.launch precision                 # one line for the log: fp32, CPU capability
 rm -f "$OUT_DIR/metrics.jsonl" "$OUT_DIR/weight_sync.jsonl"
 export VERL_FILE_LOGGER_PATH="$OUT_DIR/metrics.jsonl"     # verl's "file" logger: one JSON object per step
 export SELFEMO_HF_SYNC_LOG="$OUT_DIR/weight_sync.jsonl"   # hf rollout: one JSON object per weight sync

@@ -305,8 +305,29 @@ def server():
     from selfemo_verl.cpu.hf_rollout import HFRolloutServerImpl
 
     # the replica hands the server verl's dataclasses (RolloutReplica.__init__ converts the rollout config)
-    rollout = RolloutConfig(name="hf", prompt_length=64, response_length=8)
-    return HFRolloutServerImpl(config=rollout, model_config=HFModelConfig(path=str(tiny_model_dir())))
+    rollout = RolloutConfig(name="hf", prompt_length=64, response_length=8, dtype="float32")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SELFEMO_HF_THREADS", "1")  # as before issue 14: tests share the machine
+        return HFRolloutServerImpl(config=rollout, model_config=HFModelConfig(path=str(tiny_model_dir())))
+
+
+def test_server_loads_its_model_in_rollout_dtype_with_the_threads_asked(server, monkeypatch):
+    from verl.workers.config import HFModelConfig, RolloutConfig
+
+    from selfemo_verl.cpu.hf_rollout import HFRolloutServerImpl, server_threads
+
+    assert server.engine.model.dtype == torch.float32
+    assert server.scheduler.max_batch == server.config.max_num_seqs  # verl's cap on running sequences
+    assert server_threads({}) == max(1, len(os.sched_getaffinity(0)) - 1)  # one core for the agent/reward workers
+    assert server_threads({"SELFEMO_HF_THREADS": "3"}) == 3
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("SELFEMO_HF_THREADS", "1")
+    try:
+        bf16 = HFRolloutServerImpl(config=RolloutConfig(name="hf", prompt_length=64, response_length=8),
+                                   model_config=HFModelConfig(path=str(tiny_model_dir())))
+        assert bf16.engine.model.dtype == torch.bfloat16 and torch.get_num_threads() == 1  # verl's default dtype
+    finally:
+        torch.set_num_threads(threads)
 
 
 async def test_server_generate_accepts_verls_call_and_returns_token_output(server):
@@ -396,7 +417,8 @@ def _faulty_server(monkeypatch, mode: str):
 
     monkeypatch.setenv(faults_mod.SHARE_ENV, "0.5")
     monkeypatch.setenv(faults_mod.MODE_ENV, mode)
-    rollout = RolloutConfig(name="hf", prompt_length=64, response_length=4)
+    monkeypatch.setenv("SELFEMO_HF_THREADS", "1")
+    rollout = RolloutConfig(name="hf", prompt_length=64, response_length=4, dtype="float32")
     return HFRolloutServerImpl(config=rollout, model_config=HFModelConfig(path=str(tiny_model_dir())))
 
 
@@ -446,4 +468,44 @@ def test_launch_cli_prints_env_and_overrides_and_rejects_bad_usage():
     run = lambda *a: subprocess.run([sys.executable, "-m", "selfemo_verl.cpu.launch", *a], capture_output=True, text=True)
     assert "export VERL_PLATFORM=cpu" in run("env").stdout.splitlines()
     assert run("overrides").stdout.splitlines() == launch.cpu_overrides()
+    assert run("precision").stdout.split()[0] == "precision=fp32"
     assert run("bogus").returncode == 2
+
+
+# ---------------- precision: fp32 for actor, reference and rollout on every CPU ----------------
+
+
+def test_native_bf16_is_a_bool_read_from_the_cpu_flags(tmp_path):
+    assert isinstance(launch.native_bf16(), bool)
+    for flags, native in (("fpu avx2 avx512f", False), ("fpu avx2 avx512f avx512_bf16", True), ("amx_bf16", True)):
+        info = tmp_path / "cpuinfo"
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+        assert launch.native_bf16(str(info)) is native
+    assert launch.native_bf16(str(tmp_path / "absent")) is False  # not Linux: fp32 is the only safe answer
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_cpu_overrides_compute_in_fp32_whether_or_not_bf16_is_native(native, monkeypatch):
+    # reason: bench_cpu_precision.py: without native bf16 a bf16 matmul is ~37x slower; with it, a bf16 actor still
+    # disagrees with the rollout by ~0.05 in probability (fp32: ~5e-6), even when the server is bf16 too
+    from hydra import compose, initialize_config_module
+
+    monkeypatch.setattr(launch, "native_bf16", lambda *a: native)
+    overrides = launch.cpu_overrides()
+    assert set(launch.precision_overrides()) <= set(overrides)
+    with initialize_config_module("verl.trainer.config", version_base=None):
+        cfg = compose("ppo_trainer", overrides=overrides)
+    for role in ("actor", "ref"):
+        engine = cfg.actor_rollout_ref[role].fsdp_config
+        assert dict(engine.mixed_precision) == {"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"}
+        assert engine.model_dtype == "fp32"
+    assert cfg.actor_rollout_ref.rollout.dtype == "float32"
+
+
+def test_every_cpu_recipe_takes_the_launch_overrides(repo_root):
+    # the demo and the rounds recipe run the smoke recipe; the smoke and stock ones read `launch overrides`
+    recipes = repo_root / "recipes"
+    for name in ("run_cpu_smoke.sh", "run_cpu_stock_grpo.sh"):
+        assert "-m selfemo_verl.cpu.launch overrides" in (recipes / name).read_text()
+    for name in ("run_cpu_demo.sh", "run_cpu_rounds.sh"):
+        assert "bash recipes/run_cpu_smoke.sh" in (recipes / name).read_text()

@@ -3,12 +3,17 @@
 Three pieces, mirroring verl 0.9.1's vLLM backend:
 - `HFRolloutServer` (Ray actor): token-in/token-out `generate(...) -> TokenOutput` for the agent loops,
   plus weight loading; every sync's counts, the received tensors' norm and their distance from the
-  previous weights (`norm`, `delta_norm`) are kept (`weight_sync_stats`) and, when the env var
+  previous weights (`norm`, `delta_norm`), and what the server generated since the previous sync
+  (`generation`: requests, tokens, decode steps, peak batch) are kept (`weight_sync_stats`) and, when the env var
   `SELFEMO_HF_SYNC_LOG` names a file, appended to it as one JSON line (tests and smoke runs read it).
 - `HFServerAdapter` (BaseRollout, lives in the trainer worker): forwards the trainer's full tensors to
   the server on `update_weights`.
 - `HFReplica` (RolloutReplica): launches one server per replica.
-Generation itself is `selfemo_verl.cpu.hf_generate` (no verl there).
+Generation itself is `selfemo_verl.cpu.hf_generate` and `selfemo_verl.cpu.hf_batching` (no verl there): concurrent
+`generate` calls decode together in one continuously batched KV cache of at most `rollout.max_num_seqs` rows, and
+prompts reuse the KV cache of their longest prefix seen since the last weight sync. The
+model is loaded in `rollout.dtype` (verl's key; the CPU launch overrides set float32) and computes with
+`SELFEMO_HF_THREADS` torch threads (default: all cores but one, see `server_threads`).
 
 Fault injection (tests of the infra-error path, DESIGN §3.2; off by default), read from the environment when
 the server starts (Ray workers inherit the driver's):
@@ -35,13 +40,15 @@ import ray
 import torch
 from torch.distributed.tensor import DTensor
 from verl.utils.config import omega_conf_to_dataclass
+from verl.utils.torch_dtypes import PrecisionType
 from verl.workers.config import HFModelConfig
 from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.replica import RolloutReplica, TokenOutput
 
 from selfemo_verl.cpu import verl_private
 from selfemo_verl.cpu.faults import faults_from_env
-from selfemo_verl.cpu.hf_generate import HFGenerator, WeightSync, parse_sampling
+from selfemo_verl.cpu.hf_batching import BatchScheduler
+from selfemo_verl.cpu.hf_generate import HFGenerator, WeightSync, load_model, parse_sampling
 
 logger = logging.getLogger(__name__)
 SYNC_LOG_ENV = "SELFEMO_HF_SYNC_LOG"
@@ -57,12 +64,24 @@ def _model_config(model_config) -> HFModelConfig:
     return model_config if isinstance(model_config, HFModelConfig) else omega_conf_to_dataclass(model_config)
 
 
+def server_threads(environ=os.environ) -> int:
+    """Torch threads of the server: SELFEMO_HF_THREADS, else all but one of the cores this process may run on.
+
+    In the synchronous trainer the actor waits while the server generates, but the agent-loop and reward workers
+    run beside it; one core is left to them. Measured on 2 shared cores (SmolLM2 demo step, 16 episodes): the
+    generation phase took 18-24 s with 1 server thread and 20-24 s with 2, and 2 OpenMP threads competing with
+    another busy process can run several times slower (benchmarks/bench_hf_batching.py, threads_2).
+    """
+    raw = environ.get(THREADS_ENV, "").strip()
+    return int(raw) if raw else max(1, len(os.sched_getaffinity(0)) - 1)
+
+
 def _load_generator(rollout_config, model_config: HFModelConfig, seed: int) -> HFGenerator:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path = model_config.local_path or model_config.path
     tokenizer = AutoTokenizer.from_pretrained(model_config.local_tokenizer_path or path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    model = load_model(path, PrecisionType.to_dtype(rollout_config.dtype))
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
     return HFGenerator(model, tokenizer, {e for e in eos_ids if e is not None}, seed=seed)
@@ -72,13 +91,14 @@ class HFRolloutServerImpl:
     """The server's body (plain class, wrapped as a Ray actor below; tests may use it directly)."""
 
     def __init__(self, config, model_config, replica_rank: int = 0):
-        torch.set_num_threads(int(os.environ.get(THREADS_ENV, "1")))
+        torch.set_num_threads(server_threads())
         self.config = omega_conf_to_dataclass(config)
         self.engine = _load_generator(self.config, _model_config(model_config), self.config.seed + replica_rank)
         self.global_steps = None
         self.sync_stats: list[dict] = []
         self._sync: WeightSync | None = None
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # a tick of the scheduler or a weight bucket, never both
+        self.scheduler = BatchScheduler(self.engine, max_batch=self.config.max_num_seqs, lock=self._lock)
         self.faults = faults_from_env()
         if self.faults is not None:
             logger.warning("[hf rollout] fault injection on: %s", self.faults)
@@ -101,8 +121,7 @@ class HFRolloutServerImpl:
         sampling = parse_sampling(dict(sampling_params), default, room)
         if self.faults is not None and self.faults.should_fail(request_id):
             return self._injected_fault(request_id)
-        async with self._lock:  # one request at a time: the model is not re-entrant
-            out = await asyncio.to_thread(self.engine.generate, prompt_ids, sampling)
+        out = await self.scheduler.generate(prompt_ids, sampling)
         return TokenOutput(token_ids=out.token_ids, log_probs=out.log_probs, stop_reason=out.stop_reason,
                            extra_fields={"global_steps": self.global_steps})
 
@@ -120,13 +139,15 @@ class HFRolloutServerImpl:
 
     async def load_weight_bucket(self, named_tensors: list) -> None:
         async with self._lock:
+            self.scheduler.clear_prefix_cache()  # KV caches of the old weights must not seed new prompts
             self._sync.load(named_tensors)
 
     async def finish_weight_sync(self, global_steps=None) -> dict:
         """Close the sync: record, log and return its counts."""
         stats = self._sync.report()
         self._sync, self.global_steps = None, global_steps
-        stats.update(sync=len(self.sync_stats) + 1, global_steps=global_steps, time=time.time())
+        stats.update(sync=len(self.sync_stats) + 1, global_steps=global_steps, time=time.time(),
+                     generation=self.scheduler.take_stats())  # what the server generated since the last sync
         self.sync_stats.append(stats)
         _append_sync_log(stats)
         return stats
@@ -154,9 +175,14 @@ class HFRolloutServerImpl:
         """Nothing to offload on CPU."""
 
     async def clear_kv_cache(self):
-        """The KV cache lives only for one request."""
+        """Forget the prefix store (running requests keep their own caches)."""
+        async with self._lock:
+            self.scheduler.clear_prefix_cache()
 
-    release_kv_cache = resume_kv_cache = clear_kv_cache
+    async def release_kv_cache(self):
+        """The KV caches stay in host memory."""
+
+    resume_kv_cache = release_kv_cache
 
     async def start_profile(self, **kwargs):
         """No profiler."""
@@ -167,8 +193,9 @@ class HFRolloutServerImpl:
 
 def _append_sync_log(stats: dict) -> None:
     logger.warning("[hf rollout] weight sync %s: loaded %s/%s tensors, missing=%s unexpected=%s mismatched=%s "
-                   "norm=%.6g delta_norm=%.6g", stats["sync"], stats["loaded"], stats["received"], stats["missing"],
-                   stats["unexpected"], stats["mismatched"], stats["norm"], stats["delta_norm"])
+                   "norm=%.6g delta_norm=%.6g; generated since the last sync: %s", stats["sync"], stats["loaded"],
+                   stats["received"], stats["missing"], stats["unexpected"], stats["mismatched"], stats["norm"],
+                   stats["delta_norm"], stats["generation"])
     path = os.environ.get(SYNC_LOG_ENV)
     if path:
         with open(path, "a") as f:

@@ -7,7 +7,20 @@ One source for scripts and tests:
     python -m verl.trainer.main_ppo "${CPU[@]}" ...             # or python -m selfemo_verl.main
 
 Why each item is needed (notes/verl-0.9.1-on-cpu.md §5, blockers 1-10): see the comments below.
-The overrides set only the device plumbing; batch sizes, lengths and the model are the caller's.
+The overrides set only the device plumbing and the precision; batch sizes, lengths and the model are the caller's.
+
+Precision: fp32 for the actor, the reference and the rollout server on every CPU (`precision_overrides`). verl's
+FSDP engine defaults to bf16 compute (mixed_precision.param_dtype) and its rollout config to bf16. Measured with
+benchmarks/bench_cpu_precision.py (SmolLM2-135M, 1 thread):
+- a CPU without native bf16 (AVX2 only) runs a bf16 matmul about 37x slower than fp32 (notes §6);
+- with native bf16 (AVX512-BF16) the actor's forward+backward is 1.8x faster in bf16, but the server's batched
+  decode step is slower (241 vs 154 ms at batch 16), and the actor-vs-rollout agreement
+  (`training/rollout_probs_diff_max`) is 0.055 with a bf16 actor and an fp32 server and still 0.053 with both in
+  bf16, against 5e-6 with both in fp32: bf16 rounding differs between a full forward and cached decoding.
+So `native_bf16()` is reported (`python -m selfemo_verl.cpu.launch precision`) but does not change the choice: one
+numerics on every machine (AVX2 CI or AVX512 laptop), and the rollout's log-probs are the actor's to ~1e-5. To trade
+that agreement for a faster update on a native-bf16 CPU, append
+`actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=bf16` to a recipe's arguments.
 """
 
 from __future__ import annotations
@@ -20,6 +33,39 @@ from selfemo_verl.cpu import verl_private
 # Ray's logical CPUs: TransferQueue starts a controller plus storage actors at num_cpus=1 each, and a
 # 2-core machine with num_cpus=2 hangs in tq.init. Logical CPUs are only a scheduling count.
 RAY_LOGICAL_CPUS = 16
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 flags of native bf16 arithmetic (/proc/cpuinfo)
+
+
+def native_bf16(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
+    """True when the CPU does bf16 arithmetic natively (an AVX512-BF16 or AMX-BF16 flag in /proc/cpuinfo).
+
+    `torch.backends.cpu.get_cpu_capability()` says "AVX512" or "AVX2" but not whether bf16 is native, hence the
+    flags. Without /proc/cpuinfo (not Linux) the answer is False.
+    """
+    try:
+        with open(cpuinfo_path) as f:
+            flags = {word for line in f if line.startswith("flags") for word in line.split()}
+    except FileNotFoundError:
+        return False
+    return any(flag in flags for flag in BF16_FLAGS)
+
+
+PRECISION = "fp32"  # actor, reference and rollout on every CPU (see the module docstring)
+_FP32_FSDP = "{param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}"
+
+
+def precision_overrides() -> list[str]:
+    """Hydra overrides that make the actor, the reference and the hf rollout server compute in fp32.
+
+    verl 0.9.1's FSDP engine casts parameters to `fsdp_config.mixed_precision.param_dtype` (bf16 when the key is
+    absent, and its struct lacks it, hence "+") and autocasts to it unless fp32; the hf server loads its model in
+    `rollout.dtype`.
+    """
+    return [
+        f"+actor_rollout_ref.actor.fsdp_config.mixed_precision={_FP32_FSDP}",
+        f"+actor_rollout_ref.ref.fsdp_config.mixed_precision={_FP32_FSDP}",
+        "actor_rollout_ref.rollout.dtype=float32",
+    ]
 
 
 def cpu_env() -> dict[str, str]:
@@ -56,17 +102,29 @@ def cpu_overrides(n_procs: int = 1) -> list[str]:
         # --- rollout: the transformers-generate server (selfemo_verl.cpu.hf_rollout) ---
         "actor_rollout_ref.rollout.name=hf",
         "actor_rollout_ref.rollout.tensor_model_parallel_size=1",
+        # --- precision: fp32 everywhere (see the module docstring) ---
+        *precision_overrides(),
     ]
 
 
+def precision_report() -> str:
+    """One line: the precision the overrides choose, beside what this CPU offers."""
+    import torch
+
+    return (f"precision={PRECISION} cpu_capability={torch.backends.cpu.get_cpu_capability()} "
+            f"native_bf16={native_bf16()}")
+
+
 def main(argv: list[str]) -> int:
-    """`env` prints export lines; `overrides` prints one override per line."""
+    """`env` prints export lines; `overrides` prints one override per line; `precision` prints the choice."""
     if argv[1:] == ["env"]:
         print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in cpu_env().items()))
     elif argv[1:] == ["overrides"]:
         print("\n".join(cpu_overrides()))
+    elif argv[1:] == ["precision"]:
+        print(precision_report())
     else:
-        print("usage: python -m selfemo_verl.cpu.launch {env|overrides}", file=sys.stderr)
+        print("usage: python -m selfemo_verl.cpu.launch {env|overrides|precision}", file=sys.stderr)
         return 2
     return 0
 
