@@ -1,4 +1,4 @@
-"""Model selection on val (DESIGN.md §9): the checkpoint with the best val weighted-F1 over all rounds.
+"""Model selection on val (the evaluation protocol): the checkpoint with the best val weighted-F1 over all rounds.
 
 Core module (no verl, no ray). The recipes (recipes/_rounds.sh) call it twice:
 

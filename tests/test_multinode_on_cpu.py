@@ -31,7 +31,7 @@ import pytest
 
 from selfemo_verl import ray_env
 from selfemo_verl.cpu.launch import cpu_env, cpu_overrides
-from selfemo_verl.cpu.watch import run_watched
+from selfemo_verl.cpu.watch import alive, run_watched
 from selfemo_verl.episodes import read_dumps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,21 +187,10 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 node.kill()  # only the process we started; its orphans are reported below
         deadline = time.monotonic() + settle_s
-        while _alive(self.seen) and time.monotonic() < deadline:
+        while alive(self.seen) and time.monotonic() < deadline:
             time.sleep(1.0)
         listening = {c.laddr.port for c in psutil.net_connections("tcp") if c.status == "LISTEN"}
-        return _alive(self.seen), sorted(self.ports & listening)
-
-
-def _alive(procs: dict) -> list[str]:
-    out = []
-    for pid, proc in procs.items():
-        try:
-            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                out.append(f"{pid} {proc.name()}")
-        except psutil.NoSuchProcess:
-            continue
-    return out
+        return alive(self.seen), sorted(self.ports & listening)
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,8 @@ def _memory(procs: list[psutil.Process]) -> tuple[int, int]:
     return pss, rss
 
 
-def _alive(procs: dict[int, psutil.Process]) -> list[str]:
+def alive(procs: dict[int, psutil.Process]) -> list[str]:
+    """"pid name" of each process in `procs` still running (zombies count as gone)."""
     out = []
     for pid, proc in procs.items():
         try:
@@ -78,6 +79,6 @@ def run_watched(cmd: list[str], env: dict | None = None, log_path: str | None = 
         returncode = child.wait()
     wall = time.monotonic() - start
     deadline = time.monotonic() + settle_s
-    while _alive(seen) and time.monotonic() < deadline:
+    while alive(seen) and time.monotonic() < deadline:
         time.sleep(1.0)
-    return WatchReport(returncode, wall, peak_pss / GIB, peak_rss / GIB, peak_procs, _alive(seen))
+    return WatchReport(returncode, wall, peak_pss / GIB, peak_rss / GIB, peak_procs, alive(seen))
