@@ -21,7 +21,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from selfemo_verl.episodes import atomic_write_bytes, read_dumps
+from selfemo_verl.episodes import read_dumps
+from selfemo_verl.files import atomic_write
 from selfemo_verl.flywheel import FlywheelConfig, FlywheelError, build_next_round, read_base
 
 _DEFAULTS = FlywheelConfig(round=1)
@@ -45,9 +46,9 @@ def run(dumps, base, out, cfg: FlywheelConfig) -> dict:
         raise FlywheelError(str(err)) from None
     rows, summary = build_next_round(base_rows, records, cfg)
     summary["inputs"] = {"base": str(base), "dumps": str(dumps), "corrupt_lines": n_corrupt, **summary["inputs"]}
-    atomic_write_bytes(out, parquet_bytes(rows, schema))
+    atomic_write(out, parquet_bytes(rows, schema))
     text = json.dumps(summary, indent=2, sort_keys=True) + "\n"
-    atomic_write_bytes(Path(f"{out}.summary.json"), text.encode("utf-8"))
+    atomic_write(Path(f"{out}.summary.json"), text)
     return summary
 
 

@@ -10,18 +10,24 @@ the last step (`trainer.test_freq`). Used by `make demo` (recipes/run_cpu_demo.s
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
-import os
 import sys
 from pathlib import Path
+
+from selfemo_verl.files import atomic_write
 
 # (row label, metric name pattern with {ds} = dataset, scale to percent?)
 TABLE_ROWS = (
     ("accuracy (%)", "val-core/selfemo/accuracy/{ds}", 100.0),
     ("weighted-F1 (%)", "val-core/selfemo/weighted_f1/{ds}", 100.0),
+    ("macro-F1 (%)", "val-aux/selfemo/macro_f1/{ds}", 100.0),
     ("parse failures (%)", "val-aux/selfemo/parse_failure_rate/{ds}", 100.0),
+    ("classes predicted", "val-aux/selfemo/classes_predicted/{ds}", 1.0),
     ("mean reward", "val-core/selfemo/{ds}/reward/mean@1", 1.0),
+    ("majority class: accuracy (%)", "val-aux/selfemo/majority_accuracy/{ds}", 100.0),
+    ("majority class: weighted-F1 (%)", "val-aux/selfemo/majority_weighted_f1/{ds}", 100.0),
 )
 CURVES = ("critic/score/mean", "selfemo/r_rec", "selfemo/r_con", "selfemo/consistency_mean")
 
@@ -66,6 +72,19 @@ def format_table(table: list[tuple[str, float, float]]) -> str:
     return "\n".join(lines)
 
 
+def verdict(table: list[tuple[str, float, float]]) -> str:
+    """One line: the trained model's weighted-F1 and classes predicted beside the majority baseline on the same rows.
+
+    >>> verdict([("weighted-F1 (%)", 20.0, 35.0), ("classes predicted", 1, 3), ("majority class: weighted-F1 (%)", 31.0, 31.0)])
+    'after training: weighted-F1 35.00 vs 31.00 for the majority class on the same rows (above), 3 classes predicted'
+    """
+    cells = {label: after for label, _, after in table}
+    ours, majority = cells["weighted-F1 (%)"], cells["majority class: weighted-F1 (%)"]
+    side = "above" if ours > majority else "not above"
+    return (f"after training: weighted-F1 {ours:.2f} vs {majority:.2f} for the majority class on the same rows "
+            f"({side}), {cells['classes predicted']:.0f} classes predicted")
+
+
 def plot_curves(rows: list[tuple[int, dict]], out_png: Path) -> list[str]:
     """Save the training reward curves (those of CURVES that were logged); return the plotted names."""
     import matplotlib
@@ -84,10 +103,10 @@ def plot_curves(rows: list[tuple[int, dict]], out_png: Path) -> list[str]:
     ax.set_ylabel("mean over the step's episodes")
     ax.set_title("SELF-EMO CPU demo: training rewards")
     ax.legend()
-    tmp = out_png.with_name(out_png.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, out_png)
+    atomic_write(out_png, buffer.getvalue())
     return plotted
 
 
@@ -104,9 +123,10 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    table = format_table(before_after(rows, args.dataset))
+    values = before_after(rows, args.dataset)
+    table = format_table(values) + "\n\n" + verdict(values)
     plotted = plot_curves(rows, out / "reward_curve.png")
-    (out / "report.md").write_text(table + "\n", encoding="utf-8")
+    atomic_write(out / "report.md", table + "\n")
     print(table)
     print(f"reward curve ({', '.join(plotted) or 'nothing logged'}): {out / 'reward_curve.png'}")
     return 0

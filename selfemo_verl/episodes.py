@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import secrets
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from selfemo_verl.files import atomic_write
 
 _STEP_FILE = re.compile(r"^step_(\d{6,})\.jsonl$")
 _FIELDS = {"step": int, "uid": str, "index": int, "data_source": str, "selfemo": dict, "rewards": dict}
@@ -93,25 +93,6 @@ def decode_record(line: str) -> EpisodeRecord:
     return EpisodeRecord(**{key: obj[key] for key in _FIELDS})
 
 
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write `data` to `path` via a temp file in the same directory + fsync + os.replace.
-
-    A crash (or an exception) before the rename leaves the previous file untouched and removes the temp file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        with open(tmp, "xb") as f:  # mode 0o666 & ~umask, like a plain open
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_step(dump_dir, step: int, records: Iterable[EpisodeRecord | Mapping]) -> Path:
     """Write all episodes of one training step to `DIR/step_{step:06d}.jsonl` atomically; return the path.
 
@@ -135,7 +116,7 @@ def write_step(dump_dir, step: int, records: Iterable[EpisodeRecord | Mapping]) 
             raise ValueError(f"episode {i} of step {step}: {err}") from None
         lines.append(line + "\n")
     path = step_path(dump_dir, step)
-    atomic_write_bytes(path, "".join(lines).encode("utf-8"))
+    atomic_write(path, "".join(lines))
     return path
 
 

@@ -30,11 +30,12 @@ import math
 import numbers
 import os
 import sys
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from selfemo_verl.files import atomic_write  # noqa: F401  (re-exported for the CLIs)
+from selfemo_verl.plots import confusion_png
 from selfemo_verl.labels import LABEL_SPACES, check_label_space, parse_emotions
 from selfemo_verl.rewards import mask_to_labels
 
@@ -121,6 +122,8 @@ def corpus_metrics(predictions, golds, label_space: str) -> dict:
         "weighted_f1": float(f1_score(y_true, y_pred, labels=classes, average="weighted", zero_division=0)),
         "macro_f1": float(f1_score(y_true, y_pred, labels=classes, average="macro", zero_division=0)),
         "parse_failure_rate": 1.0 - statuses["ok"] / n,
+        "classes_predicted": len(set(y_pred) - {FAILURE}),
+        **majority_baseline(y_true, classes),
         "missing_rate": statuses[MISSING] / n,
         "multi_label_rate": sum(len(s) > 1 for s, _ in parsed) / n,
         "strict_accuracy": sum(s == {g} for (s, _), g in zip(parsed, y_true)) / n,
@@ -129,6 +132,24 @@ def corpus_metrics(predictions, golds, label_space: str) -> dict:
         "per_class": _per_class(y_true, y_pred, classes),
         "confusion": _confusion(y_true, y_pred, classes),
     }
+
+
+def majority_baseline(y_true, classes) -> dict:
+    """Scores of the constant answer "the most frequent gold label of these rows" (ties: label-space order).
+
+    The strongest constant predictor on the rows scored, so "above the majority baseline" is a fair bar.
+
+    >>> majority_baseline(["joy", "anger", "joy", "fear"], ["anger", "joy", "fear"])["majority_accuracy"]
+    0.5
+    """
+    from sklearn.metrics import f1_score
+
+    counts = Counter(y_true)
+    label = max(classes, key=lambda c: (counts[c], -classes.index(c)))
+    y_pred = [label] * len(y_true)
+    return {"majority_class": label, "majority_accuracy": counts[label] / len(y_true),
+            "majority_weighted_f1": float(f1_score(y_true, y_pred, labels=classes, average="weighted",
+                                                   zero_division=0))}
 
 
 def _per_class(y_true, y_pred, classes) -> dict:
@@ -163,7 +184,8 @@ def metrics_by_source(predictions, golds, data_sources, label_spaces) -> dict:
         if len(spaces) != 1:
             raise ValueError(f"data source {source!r} mixes label spaces {sorted(spaces)}")
         m = corpus_metrics([predictions[i] for i in rows], [golds[i] for i in rows], spaces.pop())
-        out[source] = {k: m[k] for k in ("n", "accuracy", "weighted_f1", "macro_f1", "parse_failure_rate")}
+        out[source] = {k: m[k] for k in ("n", "accuracy", "weighted_f1", "macro_f1", "parse_failure_rate",
+                                         "classes_predicted", "majority_accuracy", "majority_weighted_f1")}
     return out
 
 
@@ -236,45 +258,6 @@ def read_predictions(path, known_indices) -> dict:
                 raise InputError(f"{path}:{number}: duplicate index {index!r}")
             out[index] = output
     return out
-
-
-def atomic_write(path, data) -> None:
-    """Write text or bytes to `path` through a temp file in the same directory and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def confusion_png(confusion: dict, title: str) -> bytes:
-    """The confusion matrix (gold rows, predicted columns incl. parse failures) as PNG bytes (Agg)."""
-    import io
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    counts, rows, cols = confusion["counts"], confusion["rows"], [*confusion["rows"], "parse fail"]
-    fig = Figure(figsize=(1.0 + 0.8 * len(cols), 1.0 + 0.7 * len(rows)))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.imshow(counts, cmap="Blues")
-    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
-    ax.set_yticks(range(len(rows)), rows)
-    ax.set(xlabel="predicted", ylabel="gold", title=title)
-    dark = max(max(row) for row in counts) / 2
-    for i, row in enumerate(counts):
-        for j, value in enumerate(row):
-            ax.text(j, i, str(value), ha="center", va="center", fontsize=8, color="white" if value > dark else "black")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
 
 
 def results_row(metrics: dict) -> str:

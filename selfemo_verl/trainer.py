@@ -211,7 +211,8 @@ def corpus_val_metrics(data_sources, reward_extra_infos: dict) -> dict[str, floa
         dataset = source[8:]
         for name in ("weighted_f1", "accuracy"):
             out[f"val-core/selfemo/{name}/{dataset}"] = values[name]
-        for name in ("macro_f1", "parse_failure_rate"):
+        for name in ("macro_f1", "parse_failure_rate", "classes_predicted", "majority_accuracy",
+                     "majority_weighted_f1"):
             out[f"val-aux/selfemo/{name}/{dataset}"] = values[name]
     return out
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from selfemo_verl.demo_report import before_after, format_table, main, read_metrics
+from selfemo_verl.demo_report import before_after, format_table, main, read_metrics, verdict
 
 
 def _write(path, rows):
@@ -43,3 +43,12 @@ def test_malformed_metrics_line_is_a_one_line_error_with_exit_2(tmp_path, capsys
     assert main([str(metrics), "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_verdict_compares_with_the_majority_baseline_of_the_same_validation():
+    rows = [(0, {"val-core/selfemo/weighted_f1/meld": 0.10, "val-aux/selfemo/majority_weighted_f1/meld": 0.31}),
+            (4, {"val-core/selfemo/weighted_f1/meld": 0.30, "val-aux/selfemo/majority_weighted_f1/meld": 0.31,
+                 "val-aux/selfemo/classes_predicted/meld": 2})]
+    line = verdict(before_after(rows, "meld"))
+    assert "30.00 vs 31.00" in line and "(not above)" in line  # reason: 30 < 31 on the same rows
+    assert line.endswith("2 classes predicted")

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from selfemo_verl import episodes
+from selfemo_verl import files
 from selfemo_verl.episodes import EpisodeRecord, read_dumps, records_from_columns, step_path, write_step
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -115,7 +115,7 @@ def test_failed_rename_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypat
     def killed(src, dst):  # reason: simulates a crash between the write and the rename
         raise KeyboardInterrupt("killed before rename")
 
-    monkeypatch.setattr(episodes.os, "replace", killed)
+    monkeypatch.setattr(files.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
         write_step(tmp_path, 5, [_rec(2), _rec(3)])
     assert step_path(tmp_path, 5).read_bytes() == old

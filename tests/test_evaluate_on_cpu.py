@@ -485,3 +485,21 @@ def test_module_imports_without_verl_or_ray(module):
 def test_docstring_examples_hold(module):
     failures, tried = doctest.testmod(importlib.import_module(module))
     assert tried > 0 and failures == 0
+
+
+def test_majority_baseline_is_the_most_frequent_gold_of_the_scored_rows():
+    from selfemo_verl.evaluate import majority_baseline
+
+    golds = ["neutral", "joy", "neutral", "anger"]
+    m = majority_baseline(golds, ["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"])
+    assert m["majority_class"] == "neutral" and m["majority_accuracy"] == 0.5
+    # reason: F1(neutral) = 2 * (2/4 * 1) / (2/4 + 1) = 2/3 with weight 2/4; the other classes score 0
+    assert m["majority_weighted_f1"] == pytest.approx(0.5 * 2 / 3)
+    tie = majority_baseline(["joy", "anger"], ["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"])
+    assert tie["majority_class"] == "joy"  # reason: a tie goes to the label that comes first in the label space
+
+
+def test_corpus_metrics_counts_classes_predicted_without_parse_failures():
+    m = corpus_metrics(["<emotion>joy</emotion>", "nonsense", "<emotion>anger</emotion>", "<emotion>joy</emotion>"],
+                       ["joy", "joy", "anger", "fear"], "meld")
+    assert m["classes_predicted"] == 2  # reason: joy and anger; the parse failure is not a class

@@ -25,7 +25,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from selfemo_verl import episodes, flywheel
+from selfemo_verl import flywheel
+from selfemo_verl import files as atomic_files
 from selfemo_verl.episodes import EpisodeRecord, write_step
 from selfemo_verl.erc_data import PARQUET_SCHEMA, Dialogue, Turn, build_rows
 from selfemo_verl.flywheel import FlywheelConfig, build_next_round, synthetic_check, synthetic_row
@@ -439,7 +440,7 @@ def test_a_failed_rename_keeps_the_old_output_and_leaves_no_temp_file(files, mon
     def killed(src, dst):  # reason: simulates a kill between the write and the rename
         raise OSError("killed before rename")
 
-    monkeypatch.setattr(episodes.os, "replace", killed)
+    monkeypatch.setattr(atomic_files.os, "replace", killed)
     with pytest.raises(OSError, match="killed"):
         cli.main(_args(base, dumps, out))
     assert out.read_bytes() == b"previous round output"

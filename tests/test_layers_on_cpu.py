@@ -24,6 +24,8 @@ CORE_MODULES = [
     "selfemo_verl.evaluate",
     "selfemo_verl.eval_generate",
     "selfemo_verl.demo_report",
+    "selfemo_verl.files",
+    "selfemo_verl.plots",
 ]
 
 

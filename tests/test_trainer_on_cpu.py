@@ -267,6 +267,10 @@ def test_validation_metrics_are_corpus_level_weighted_f1_per_source():
     assert out["val-core/selfemo/weighted_f1/meld"] == pytest.approx(expected)
     assert out["val-core/selfemo/accuracy/meld"] == pytest.approx(4 / 6)
     assert out["val-aux/selfemo/parse_failure_rate/meld"] == 0.0
+    assert out["val-aux/selfemo/classes_predicted/meld"] == 3  # reason: joy, anger, neutral
+    assert out["val-aux/selfemo/majority_accuracy/meld"] == pytest.approx(3 / 6)  # reason: neutral, 3 of 6 golds
+    assert out["val-aux/selfemo/majority_weighted_f1/meld"] == pytest.approx(
+        f1_score(gold, ["neutral"] * 6, average="weighted", zero_division=0))
     assert not any("gsm8k" in key for key in out)
     assert corpus_val_metrics(sources, {"reward": [0.0] * 7}) == {}
 
