@@ -32,12 +32,20 @@ Validation: weighted-F1 is corpus-level, so it cannot be the mean of per-sample 
 also computes accuracy / weighted-F1 / macro-F1 / parse-failure rate per data source from the gathered
 `pred_mask` / `gold_mask` of `compute_score` and logs them as `val-core/selfemo/weighted_f1/<dataset>` etc.
 
+Time budget (`selfemo.trainer.time_budget_s`, null = off): training stops at the last step that fits in this many
+seconds, counted from the start of the first step (validations inside the loop count, the one before training
+does not). verl decides a step is the last before the step begins, from `total_training_steps`, so after each
+step the trainer lowers that number to the next step when one more step after it would overrun the budget
+(`next_step_is_last`); the last step validates and saves as verl's last step always does. The optimizer's
+schedule keeps the configured step count (a constant learning rate, the default, is unaffected).
+
 `SelfEmoTaskRunner` is verl's `TaskRunnerV1` with this trainer behind `trainer.v1.trainer_mode=sync`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 
 import numpy as np
 import ray
@@ -181,6 +189,22 @@ class SelfEmoTrainer(PPOTrainerSync):
         metrics.update({METRIC_PREFIX + name: value for name, value in feed.stats.items()})
         return batch
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        budget_s = self.config.selfemo.trainer.time_budget_s
+        self.step_budget = None if budget_s is None else StepBudget(budget_s)
+
+    def on_step_begin(self):
+        super().on_step_begin()
+        if self.step_budget is not None:
+            self.step_budget.begin(time.monotonic())
+
+    # Relies on verl 0.9.1's fit loop reading `self.total_training_steps` before each step (is_last_step).
+    def on_step_end(self):
+        super().on_step_end()  # the weight sync to the rollout replicas
+        if self.step_budget is not None and self.step_budget.end(time.monotonic()):
+            self.total_training_steps = min(self.total_training_steps, self.global_steps + 1)
+
     # Overrides verl 0.9.1 PPOTrainer._val_metrics_update; re-check on upgrade.
     def _val_metrics_update(self, data_sources, sample_uids, reward_extra_infos_dict, sample_turns, **kwargs):
         metrics = super()._val_metrics_update(
@@ -188,6 +212,28 @@ class SelfEmoTrainer(PPOTrainerSync):
         )
         metrics.update(corpus_val_metrics(data_sources, reward_extra_infos_dict))
         return metrics
+
+
+class StepBudget:
+    """Wall-clock budget of the training loop, from the start of the first step.
+
+    `end(now)` after each step: True when the step after the next one would end past the budget, i.e.
+    elapsed + 2 * (longest step so far) > budget, so the next step must be the last.
+
+    >>> b = StepBudget(200.0); b.begin(0.0); b.end(30.0), b.end(60.0), b.end(140.0)   # steps of 30, 30, 80 s
+    (False, False, True)
+    """
+
+    def __init__(self, budget_s: float):
+        self.budget_s, self.start, self.last, self.longest = float(budget_s), None, 0.0, 0.0
+
+    def begin(self, now: float) -> None:
+        self.start = now if self.start is None else self.start
+
+    def end(self, now: float) -> bool:
+        elapsed = now - self.start
+        self.longest, self.last = max(self.longest, elapsed - self.last), elapsed
+        return elapsed + 2.0 * self.longest > self.budget_s
 
 
 def corpus_val_metrics(data_sources, reward_extra_infos: dict) -> dict[str, float]:

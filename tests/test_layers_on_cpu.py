@@ -26,6 +26,7 @@ CORE_MODULES = [
     "selfemo_verl.demo_report",
     "selfemo_verl.files",
     "selfemo_verl.plots",
+    "selfemo_verl.experiment",
 ]
 
 

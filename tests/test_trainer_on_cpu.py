@@ -19,6 +19,7 @@ from selfemo_verl.trainer import (
     SelfEmoTaskRunner,
     SelfEmoTaskRunnerBase,
     SelfEmoTrainer,
+    StepBudget,
     check_trainer_mode,
     sync_trainer_is,
 )
@@ -307,3 +308,42 @@ def test_dump_enabled_without_a_directory_is_a_config_error(config):
 
     with pytest.raises(ValueError, match="selfemo.dump.dir"):
         check_dump_config(OmegaConf.merge(config, {"selfemo": {"dump": {"enable": True}}}))
+
+
+def test_step_budget_makes_the_next_step_last_when_one_more_would_overrun():
+    budget = StepBudget(100.0)
+    budget.begin(0.0)
+    assert budget.end(20.0) is False  # reason: 20 + 2 * 20 = 60 <= 100
+    budget.begin(20.0)  # reason: later steps do not move the start
+    assert budget.end(40.0) is False  # reason: 40 + 2 * 20 = 80
+    assert budget.end(70.0) is True  # reason: the longest step is now 30: 70 + 60 > 100, so step 4 is the last
+    short = StepBudget(10.0)
+    short.begin(5.0)
+    assert short.end(25.0) is True  # reason: a first step longer than the whole budget: the next step is the last
+
+
+def test_time_budget_lowers_total_training_steps_to_the_next_step(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from selfemo_verl import trainer as trainer_module
+
+    monkeypatch.setattr(PPOTrainerSync, "on_step_end", lambda self: None)  # reason: no rollout replicas to sync
+    clock = iter([0.0, 30.0, 30.0, 75.0])
+    monkeypatch.setattr(trainer_module.time, "monotonic", lambda: next(clock))
+    t = object.__new__(SelfEmoTrainer)
+    t.config = OmegaConf.create({"selfemo": {"trainer": {"time_budget_s": 120.0}}})
+    t.step_budget, t.total_training_steps = StepBudget(120.0), 1000
+    t.global_steps = 1
+    t.on_step_begin(), t.on_step_end()
+    assert t.total_training_steps == 1000  # reason: 30 + 2 * 30 = 90 <= 120
+    t.global_steps = 2
+    t.on_step_begin(), t.on_step_end()
+    assert t.total_training_steps == 3  # reason: 75 + 2 * 45 > 120: step 3 is the last (it validates and saves)
+
+
+def test_contract_fit_reads_total_training_steps_before_each_step_and_calls_the_step_hooks():
+    src = inspect.getsource(PPOTrainer.fit)
+    loop = src[src.index("while current_epoch"):]
+    assert loop.index("is_last_step = self.global_steps >= self.total_training_steps") < loop.index(
+        "self.on_step_begin()") < loop.index("self.on_step_end()")
+    assert "self.global_steps <= self.total_training_steps" in loop  # reason: the loop ends after the last step
