@@ -25,6 +25,7 @@ that agreement for a faster update on a native-bf16 CPU, append
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 
@@ -68,9 +69,21 @@ def precision_overrides() -> list[str]:
     ]
 
 
+def cpu_threads() -> int:
+    """Torch threads of each trainer process: every core this process may run on.
+
+    Ray gives an actor without `num_cpus` OMP_NUM_THREADS=1 unless the variable is already set, so verl's actor
+    worker (FSDP forward/backward, log-probs) ran on one of the two cores while the other idled. In the
+    synchronous trainer the actor computes while the rollout server waits and vice versa, so each may take
+    every core (the hf server picks its own count: selfemo_verl.cpu.hf_rollout.server_threads).
+    """
+    return len(os.sched_getaffinity(0))
+
+
 def cpu_env() -> dict[str, str]:
     """Environment variables for a CPU run (set before Ray starts, so every Ray worker inherits them)."""
     return {
+        "OMP_NUM_THREADS": str(cpu_threads()),  # torch's intra-op threads in every Ray worker (see cpu_threads)
         "VERL_PLATFORM": "cpu",  # selects selfemo_verl.cpu.cpu_platform.PlatformCPU (device cpu, backend gloo)
         **verl_private.ENGINE_DEVICE_ENV,  # FSDP engine lookup (registered for cuda/npu only)
         "HF_HUB_OFFLINE": "1",
