@@ -11,7 +11,7 @@ previous call's prompt + answer token for token:
     text loop  = tokens a loop that re-renders the chat from decoded text each turn would re-encode
                  (len(previous prompt + answer) per later call), for contrast
 
-The blind judge has its own prompt (the dialogue + the reply as text, DESIGN §4.3) and request ids; its
+The blind judge has its own prompt (the dialogue + the reply as text, docs/method.md §6.2) and request ids; its
 tokens are reported separately and never enter the trained sequence.
 
 Usage: python benchmarks/bench_agent_tokens.py [--episodes 20]

@@ -3,8 +3,9 @@
     python benchmarks/bench_cpu_precision.py [--model DIR] [--threads 1]
 
 Measures, for SmolLM2-135M (the demo model; `selfemo_verl.cpu.assets.smollm2_dir()` unless --model):
-1. speed: one matmul (512x576 @ 576x1536, the notes' probe), the actor's forward+backward on [4, 512] tokens and a
-   forward alone (old/ref log-probs), one decode step of the rollout server at batch 16 with 300 cached tokens;
+1. speed: one matmul (512x576 @ 576x1536, the probe behind the AVX2 figure in `selfemo_verl/cpu/launch.py`), the
+   actor's forward+backward on [4, 512] tokens and a forward alone (old/ref log-probs), one decode step of the
+   rollout server at batch 16 with 300 cached tokens;
    "bf16" is what verl's FSDP2 engine does by default: parameters cast to bf16 (MixedPrecisionPolicy) and the forward
    under torch.autocast(bf16);
 2. actor-vs-rollout agreement: 8 requests sampled at T = 1 by the hf server engine (`HFGenerator`) in its dtype, then

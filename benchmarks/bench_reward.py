@@ -79,7 +79,7 @@ def make_gsm8k_cases(n: int, rng: random.Random) -> list[tuple]:
     return cases
 
 
-# What verl passes on every call from reward.custom_reward_function.reward_kwargs (DESIGN §3 defaults).
+# What verl passes on every call from reward.custom_reward_function.reward_kwargs (docs/method.md §3 defaults).
 REWARD_KWARGS = {"eps": 0.1, "beta": 0.0, "sigma": 0.5, "r_invalid": 0.0, "w_rec": 1.0, "w_con": 0.5, "w_und": 0.25}
 
 

@@ -1,4 +1,4 @@
-"""Data flywheel CLI: round r's episode dumps + the parquet D_r it trained on -> D_{r+1} (DESIGN.md §6).
+"""Data flywheel CLI: round r's episode dumps + the parquet D_r it trained on -> D_{r+1} (docs/method.md §7).
 
     python data_prep/flywheel.py --dumps runs/r0/dumps --base data/meld/train.parquet \\
         --out runs/r1/train.parquet --round 1 [--tau-con 1.0 --min-agreement 0.5 --hard-range 0.2 0.8 \\

@@ -1,4 +1,4 @@
-"""Raw ERC dataset -> verl parquet: OUT/{train,val,test}.parquet, one row per target utterance (DESIGN.md §8).
+"""Raw ERC dataset -> verl parquet: OUT/{train,val,test}.parquet, one row per target utterance (docs/method.md §13).
 
     python data_prep/prepare_erc.py --dataset meld --raw-dir ../shared/data/meld --out-dir data/meld --stats
     python data_prep/prepare_erc.py --dataset emorynlp --raw-dir raw/emorynlp --out-dir data/emorynlp --download
@@ -25,7 +25,7 @@ from selfemo_verl.erc_download import DEFAULT_BASE_URL, download
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True, choices=sorted(RAW_FILES))
-    parser.add_argument("--raw-dir", required=True, help="folder with the raw files (see data/README in the repo)")
+    parser.add_argument("--raw-dir", required=True, help="folder with the raw files (see docs/method.md §13)")
     parser.add_argument("--out-dir", required=True, help="where {train,val,test}.parquet are written")
     parser.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="past turns shown, target included")
     parser.add_argument("--download", action="store_true", help="fetch the official CSVs (meld, emorynlp only)")

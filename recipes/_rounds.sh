@@ -12,8 +12,8 @@
 # DATA_DIR/raw (pinned commit, sha256-checked; DATA_URL = a mirror); IEMOCAP without RAW_DIR stops (exit 2).
 # Every round validates and saves at the same steps (VAL_FREQ and its last step; checked before training by
 # `python -m selfemo_verl.model_select check`) and keeps every checkpoint. Then model selection on val
-# (DESIGN §9): `python -m selfemo_verl.model_select select` picks, over all rounds, the checkpoint with the best
-# val-core/selfemo/weighted_f1/<dataset> in round_r/metrics.jsonl (ties: the earlier) and writes
+# (docs/method.md §8.2): `python -m selfemo_verl.model_select select` picks, over all rounds, the checkpoint with
+# the best val-core/selfemo/weighted_f1/<dataset> in round_r/metrics.jsonl (ties: the earlier) and writes
 # OUT_DIR/selection.json; EVAL_SPLITS are scored once with that checkpoint (python -m selfemo_verl.evaluate
 # generate/consistency --selection, same token budgets as training) and OUT_DIR/eval/report.md names it.
 # A round whose round_r/DONE exists is not retrained, so re-running the recipe resumes where it stopped
@@ -32,7 +32,7 @@
 
 PYTHON=${PYTHON:-python3}
 DATASET=${DATASET:-meld}                     # meld | emorynlp | iemocap
-RAW_DIR=${RAW_DIR:-}                         # raw dataset files (data/README.md); unset: offline copy or download
+RAW_DIR=${RAW_DIR:-}                         # raw dataset files (docs/method.md §13); unset: offline copy or download
 DATA_URL=${DATA_URL:-}                       # download mirror of declare-lab/MELD (unset: the pinned GitHub commit)
 DATA_DIR=${DATA_DIR:-data/$DATASET}          # {train,val,test}.parquet from data_prep/prepare_erc.py
 OUT_DIR=${OUT_DIR:-outputs/$EXPERIMENT}      # round_r/{ckpt,dumps,train.parquet}, eval/
@@ -44,7 +44,7 @@ PPO_MINI_BATCH_SIZE=${PPO_MINI_BATCH_SIZE:-64}
 ROLLOUT_N=${ROLLOUT_N:-8}                    # episodes per prompt (the GRPO group)
 LR=${LR:-1e-6}
 KL_LOSS_COEF=${KL_LOSS_COEF:-0.001}
-BETA=${BETA:-0.3}                            # semantic smoothing of the reward (DESIGN §3.1)
+BETA=${BETA:-0.3}                            # semantic smoothing of the reward (docs/method.md §3.2)
 ROLLOUT_GPU_MEM=${ROLLOUT_GPU_MEM:-0.6}
 VAL_FREQ=${VAL_FREQ:-20}                     # validate + save every VAL_FREQ steps and at each round's last step
 LOGGER=${LOGGER:-'["console","file"]'}       # must hold "file" (model selection reads it); + "wandb" etc.
@@ -81,7 +81,7 @@ selfemo_common_overrides() {
     selfemo.reward.beta="$BETA"
     selfemo.dump.enable=True
   )
-  # ---------------- actor / rollout (verl's Qwen3-8B GRPO example where DESIGN is silent) ----------------
+  # ---------------- actor / rollout (verl's Qwen3-8B GRPO example for what SELF-EMO leaves open) ----------------
   ACTOR=(
     actor_rollout_ref.model.use_remove_padding=True
     actor_rollout_ref.actor.optim.lr="$LR"

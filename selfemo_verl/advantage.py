@@ -1,14 +1,14 @@
-"""SELF-GRPO advantages (DESIGN.md §5): group-normalised episode reward plus group-level consistency.
+"""SELF-GRPO advantages (docs/method.md §5): group-normalised episode reward plus group-level consistency.
 
 How SELF-GRPO differs from verl 0.9.1's built-in `grpo` (`core_algos.compute_grpo_outcome_advantage`):
 
 1. The score is r̃_i = r_i + λ·c_i: the episode reward plus λ (`consistency_weight`) times the episode's
-   agreement c_i with its group's consensus label set (DESIGN §3.3). λ = 0 or c = None gives verl's score.
+   agreement c_i with its group's consensus label set (docs/method.md §4). λ = 0 or c = None gives verl's score.
 2. The std in the denominator is floored, max(std_g, σ_min) (`std_floor`), so near-identical continuous
    rewards (0.500 vs 0.501) are not blown up to ±1. With σ_min = 0 it is std_g + ε, exactly as verl.
 3. Advantages are clipped to [−A_max, A_max] (`adv_clip`); None or inf switches clipping off.
 4. A singleton group gets A = 0 (verl gives it its raw score): no baseline, no signal.
-5. Episodes that are not group members (`member` False: an infrastructure failure hit them, DESIGN §3.2) get
+5. Episodes that are not group members (`member` False: an infrastructure failure hit them, docs/method.md §5.3) get
    A = 0 and enter neither the mean nor the std of their group; a group left with one member is a singleton.
 6. Vectorised over groups (one `pandas.factorize` + `index_add_`), no Python loop over uids; group moments in
    float64, the result in the reward dtype; the broadcast selects with the 0/1 mask instead of multiplying.

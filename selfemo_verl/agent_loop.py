@@ -1,4 +1,4 @@
-"""The SELF-EMO self-play episode as a verl 0.9.1 AgentLoop (DESIGN.md §4), plus a recognize-only loop.
+"""The SELF-EMO self-play episode as a verl 0.9.1 AgentLoop (docs/method.md §6), plus a recognize-only loop.
 
 Adapter: moves tokens between verl's rollout server and the continuous-token (`ct_*`) helpers; every decision
 about labels, speakers and the record handed to the reward lives in the core module `selfemo_verl.selfplay`.
@@ -23,7 +23,7 @@ trainer config the loop receives (`selfemo_verl/config/selfemo_trainer.yaml` hol
   `PPOTrainer._step_once`), so anything but null or that value is rejected (`check_role_temperatures`, also
   callable at start-up); trained roles always keep the temperature verl passes (rollout or val_kwargs).
 
-Failures (DESIGN §3.2): a server call that raised (a timeout included: verl 0.9.1's `LLMServerClient.generate`
+Failures (docs/method.md §3.5): a server call that raised (a timeout included: verl 0.9.1's `LLMServerClient.generate`
 has no timeout of its own, so one arrives as an exception from below), returned stop_reason "aborted", or returned
 an invalid object (not a `TokenOutput`, negative ids, log-probs not aligned with the tokens) at any step, one
 judge sample included, sets `infra_error = 1` in the record; an empty, unparseable or cut answer and an exhausted
@@ -128,7 +128,7 @@ def no_answer_weight_version(kwargs: dict) -> int:
 
 @dataclass(frozen=True)
 class Row:
-    """The dataset fields an episode reads (DESIGN §8)."""
+    """The dataset fields an episode reads (docs/method.md §6.1; parquet schema §13)."""
 
     messages: list
     window: list
@@ -177,7 +177,7 @@ class Episode:
 
 @register("selfemo_self_play")
 class SelfPlayAgentLoop(AgentLoopBase):
-    """Recognizer <-> responder self-play with a blind judge (DESIGN §4); one AgentLoopOutput per episode."""
+    """Recognizer <-> responder self-play with a blind judge (docs/method.md §6); one AgentLoopOutput per episode."""
 
     mode = "self_play"
 

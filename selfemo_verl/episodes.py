@@ -1,9 +1,9 @@
 """Episode dumps: one JSONL file per training step, written atomically, read back with corrupt lines counted.
 
 Core module: no verl, no ray. The trainer (adapter) calls `write_step` once per step; the flywheel
-(`selfemo_verl.flywheel`, DESIGN §6) calls `read_dumps` on the round's dump directory.
+(`selfemo_verl.flywheel`, docs/method.md §7) calls `read_dumps` on the round's dump directory.
 
-Format (agreed with the lead; DESIGN §6): `DIR/step_{step:06d}.jsonl`, one line per episode, keys sorted:
+Format (agreed with the lead; docs/method.md §7.1): `DIR/step_{step:06d}.jsonl`, one line per episode, keys sorted:
 
     {"data_source": "selfemo/meld",  # the row's data_source
      "index": 17,                    # the row's extra_info.index in the parquet this round trains on

@@ -1,11 +1,11 @@
-"""Raw ERC datasets -> one verl parquet row per target utterance (DESIGN.md §8).
+"""Raw ERC datasets -> one verl parquet row per target utterance (docs/method.md §13).
 
 Core module: no verl, no ray. Three readers turn the raw files of MELD, EmoryNLP and IEMOCAP into a common
 list of `Dialogue`s per split; `build_rows` turns dialogues into rows; `write_splits` writes the three
 parquet files atomically and byte-deterministically. Any problem with a user's file raises `ErcDataError`
 with a one-line message naming the file (and line or dialogue where known).
 
-Sources (../shared/data/README.md, SOURCES.md):
+Sources (where they come from and their licences: docs/method.md §13.2):
 - MELD: the official `{train,dev,test}_sent_emo.csv` (UTF-8; the pickle/JSON copies are mis-decoded).
   Dialogue = Dialogue_ID, turns ordered by Utterance_ID; dialogue_id = str(Dialogue_ID).
 - EmoryNLP (multimodal subset): `emorynlp_{train,dev,test}_final.csv`. Dialogue = (Season, Episode, Scene_ID),

@@ -1,7 +1,7 @@
-"""Fetch the official MELD and EmoryNLP CSVs, verified by sha256 (../shared/data/SOURCES.md).
+"""Fetch the official MELD and EmoryNLP CSVs, verified by sha256 (docs/method.md §13.2).
 
 Core module: no verl. Both datasets come from declare-lab/MELD at a pinned commit; each file is checked
-against the sha256 recorded in SOURCES.md and written atomically (temp file + rename), so a bad download
+against the sha256 pinned in `SHA256` below and written atomically (temp file + rename), so a bad download
 never leaves a file behind. IEMOCAP is never downloaded: USC licenses it for research and forbids
 redistribution.
 """
@@ -19,7 +19,7 @@ from selfemo_verl.erc_data import RAW_FILES, ErcDataError
 MELD_COMMIT = "2d2011b409d3ca2d7e94460cd007d434b1d0a102"
 DEFAULT_BASE_URL = f"https://raw.githubusercontent.com/declare-lab/MELD/{MELD_COMMIT}"
 REPO_DIRS = {"meld": "data/MELD", "emorynlp": "data/emorynlp"}
-SHA256 = {  # from ../shared/data/SOURCES.md
+SHA256 = {  # of each file at MELD_COMMIT
     "train_sent_emo.csv": "d2fa2d6529cf03cac2989efec05c9b27d8fd2f4c8fc5974c7ae88aa537fa02db",
     "dev_sent_emo.csv": "2e89c6f8aa182d6f62f8c6331aece905ac7273ca4999660bfb5213e1d0370c1c",
     "test_sent_emo.csv": "8d37103938f7067600839fe29d5a114a6cd1bcdafb75bec101e06464c5006888",

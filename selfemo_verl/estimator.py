@@ -37,7 +37,7 @@ class ConsistencyFeed:
     """c_i for the rows of one advantage step, keyed by their uids; `stats` is filled by the estimator.
 
     `valid` marks real rows (False for verl's synthetic padding rows); `infra` marks real rows hit by an
-    infrastructure failure (DESIGN §3.2). Group members are the valid rows without `infra`.
+    infrastructure failure (docs/method.md §3.5). Group members are the valid rows without `infra`.
     """
 
     uids: np.ndarray
@@ -91,7 +91,7 @@ def _feed_consistency(index) -> ConsistencyFeed | None:
 
 @register_adv_est("self_grpo")
 def self_grpo(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, config=None, index=None, **kwargs):
-    """verl estimator `self_grpo` -> `selfemo_verl.advantage.self_grpo_advantage` (DESIGN §5)."""
+    """verl estimator `self_grpo` -> `selfemo_verl.advantage.self_grpo_advantage` (docs/method.md §5)."""
     if index is None:
         raise ValueError("self_grpo needs the prompt uids (index); verl passes non_tensor_batch['uid']")
     knobs = self_grpo_knobs(config)

@@ -1,4 +1,4 @@
-"""Model-driven evaluation for `python -m selfemo_verl.evaluate generate|consistency` (DESIGN.md §9).
+"""Model-driven evaluation for `python -m selfemo_verl.evaluate generate|consistency` (docs/method.md §9).
 
 No verl, no ray. Generation is greedy and uses the training prompts: the parquet's `prompt` column (the
 recognize step) or `prompts.respond_messages` / `prompts.judge_messages`, rendered with the tokenizer's

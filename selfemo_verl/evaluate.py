@@ -1,4 +1,4 @@
-"""Evaluation metrics and CLI (DESIGN.md §9): accuracy, weighted-F1, parse failures, consistency, reports.
+"""Evaluation metrics and CLI (docs/method.md §9): accuracy, weighted-F1, parse failures, consistency, reports.
 
 Core module: no verl, no ray (torch/transformers/vLLM only load in `selfemo_verl.eval_generate`).
 
@@ -261,7 +261,7 @@ def read_predictions(path, known_indices) -> dict:
 
 
 def results_row(metrics: dict) -> str:
-    """A row for the LLM table of notes/erc-anchors.md (wF1 in the dataset's column, %, 2 decimals)."""
+    """A row for a table of published LLM-ERC results (wF1 in the dataset's column, %, 2 decimals)."""
     cells = {space: "–" for space in ("iemocap", "meld", "emorynlp")}
     cells[metrics["label_space"]] = f"{100 * metrics['weighted_f1']:.2f}"
     notes = (f"ours; n={metrics['n']}, macro-F1 {100 * metrics['macro_f1']:.2f}, parse failures "

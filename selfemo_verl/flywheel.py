@@ -1,4 +1,4 @@
-"""Data flywheel (DESIGN §6): round r's episode dumps + the parquet D_r it trained on -> D_{r+1}.
+"""Data flywheel (docs/method.md §7): round r's episode dumps + the parquet D_r it trained on -> D_{r+1}.
 
 Core module: no verl, no ray; `data_prep/flywheel.py` is the CLI (reads the dumps, writes the files). `round` is
 the index of the dataset being built (D_1 comes from the dumps of round 0, which trained on D_0 = prepare_erc's
@@ -18,7 +18,7 @@ IoU"); every rule below is this project's, stated precisely so that runs can be 
    yields none; `later_turns` are not used (they carry no speaker).
 2. **Difficulty re-weighting** of base rows (real, and synthetic carried from earlier rounds): mean score over
    all dumped episodes of the row (all steps, pooled over duplicate rows), where an episode's score is
-   recomputed at beta = 0 (DESIGN §3.1), not read from the dumped r_rec (the run's beta and r_invalid):
+   recomputed at beta = 0 (docs/method.md §7.4), not read from the dumped r_rec (the run's beta and r_invalid):
    sIoU(pred, ground_truth) if pred_status is "ok", else 0.0; no pred_status: counted ("no_pred"), skipped.
    hard (lo <= mean <= hi): `hard_copies` copies (default 2); easy (mean > hi) and hopeless (mean < lo): kept
    once iff u(seed, "downsample", key) < easy_keep_prob (default 0.5), else dropped; unseen (no episode): kept
@@ -32,7 +32,7 @@ IoU"); every rule below is this project's, stated precisely so that runs can be 
 5. Output: base rows in base order (copies adjacent), then new synthetic rows in dump order;
    extra_info.index renumbered 0..n-1. Every step is a function of the inputs and the seed.
 Rules 1 and 2 skip episodes of an unknown index or another data_source and those with infra_error = 1
-(DESIGN §3.2: a server failure hit them, their fields are not the model's answers), each counted by reason.
+(docs/method.md §3.5: a server failure hit them, their fields are not the model's answers), each counted by reason.
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ def index_records(records, base_by_index: dict[int, dict], counts: Counter) -> l
             counts["unknown_index"] += 1
         elif parent["data_source"] != rec.data_source:
             counts["data_source_mismatch"] += 1
-        elif rec.selfemo.get("infra_error") == 1:  # DESIGN §3.2: a server failure, not the model's answers
+        elif rec.selfemo.get("infra_error") == 1:  # docs/method.md §3.5: a server failure, not the model's answers
             counts["infra_error"] += 1
         else:
             matched.append(rec)
@@ -342,7 +342,7 @@ def _summary(cfg, base_rows, records, rows, rec_counts, base_counts, syn_counts)
 
 
 def _check_schema(schema, path) -> None:
-    """Base parquet columns and extra_info keys (DESIGN §8); raise FlywheelError naming what is missing."""
+    """Base parquet columns and extra_info keys (docs/method.md §13); raise FlywheelError naming what is missing."""
     missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
     if missing:
         raise FlywheelError(f"{path}: base parquet lacks column(s) {missing}; found {schema.names}")

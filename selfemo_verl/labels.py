@@ -1,4 +1,4 @@
-"""Label spaces, synonyms, valence-arousal coordinates and the answer parser (DESIGN.md §2).
+"""Label spaces, synonyms, valence-arousal coordinates and the answer parser (docs/method.md §2).
 
 Core module: no verl, no ray. Model output is untrusted, so `parse_emotions` never raises.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-# Canonical words per dataset, in the COSMIC pickle / per_erc JSON id order (../shared/data/README.md §1).
+# Canonical words per dataset, in the COSMIC pickle / per_erc JSON id order (docs/method.md §2.1).
 LABEL_SPACES: dict[str, tuple[str, ...]] = {
     "iemocap": ("happy", "sad", "neutral", "angry", "excited", "frustrated"),
     "meld": ("neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"),

@@ -1,4 +1,4 @@
-"""Entry point: `python -m selfemo_verl.main [hydra overrides]` trains SELF-EMO with verl 0.9.1 (DESIGN §5).
+"""Entry point: `python -m selfemo_verl.main [hydra overrides]` trains SELF-EMO with verl 0.9.1 (docs/method.md §5).
 
 Adapter. Same flow as `verl.trainer.main_ppo.main` (device auto-set, `validate_config`, `run_ppo`), with the
 package's config (`selfemo_verl/config/selfemo_trainer.yaml`, which extends verl's `ppo_trainer`) and the

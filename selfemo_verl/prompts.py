@@ -1,4 +1,4 @@
-"""The three role prompts of a self-play episode (DESIGN.md §4) and the reply parser.
+"""The three role prompts of a self-play episode (docs/method.md §6.2) and the reply parser (§2.5).
 
 Core module: no verl. A `window` is a list of {"speaker": str, "text": str}, oldest first; its last turn is
 the utterance whose emotion is asked for. The agent loop cuts one window (`selfemo.agent.window` turns) and

@@ -4,7 +4,7 @@ Adapter: translates verl's per-trajectory call (verl 0.9.1 reward loop, `NaiveRe
 core calls (`labels.parse_emotions`, `rewards.score_episode`); no math of its own. Selected with
 `reward.custom_reward_function.path=pkg://selfemo_verl.reward` (or `reward_fns/selfemo_reward.py`); the knobs
 come from `reward.custom_reward_function.reward_kwargs` (`selfemo.reward.*` in the YAML): eps, beta, sigma,
-r_invalid, w_rec, w_con, w_und. A knob left out uses the core function's default (DESIGN §3).
+r_invalid, w_rec, w_con, w_und. A knob left out uses the core function's default (docs/method.md §3).
 
 Where the labels come from
 --------------------------
@@ -30,7 +30,7 @@ concatenated response text). The contract for that dict (every key optional; mis
                                               # turns 2..T when self_play_turns > 1 (default [])
         "error":           None,              # str reason when the episode ended early
         "infra_error":     0,                 # 1: a server call raised, timed out, aborted or returned an
-                                              #   invalid object (DESIGN §3.2): the trainer gives A = 0
+                                              #   invalid object (docs/method.md §3.5): the trainer gives A = 0
         "mode":            "self_play",       # or "recognize" (no self-play turns); informational
     }
 
@@ -47,9 +47,9 @@ score (R), r_rec, r_con, r_und (floats; 0.0 when absent), has_con, has_und (1.0/
 over rows where these are 1), parse_ok (1.0 iff the recognition parsed), pred_mask (int bitmask of P_t over
 LABEL_SPACES[space], read by the SELF-GRPO trainer), n_pred (int |P_t|), gold_mask (int bitmask of the gold
 labels, for the corpus-level validation metrics the trainer computes), infra_error (1.0 iff the record says an
-infrastructure failure hit the episode; the trainer leaves such episodes out of training, DESIGN §3.2). With default knobs score is in
-[0, w_rec + w_con + w_und] = [0, 1.75]. Never raises for any data_source/solution_str/ground_truth/extra_info;
-an unknown knob name raises ValueError (a config error).
+infrastructure failure hit the episode; the trainer leaves such episodes out of training, docs/method.md §3.5).
+With default knobs score is in [0, w_rec + w_con + w_und] = [0, 1.75]. Never raises for any
+data_source/solution_str/ground_truth/extra_info; an unknown knob name raises ValueError (a config error).
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def _result(space, pred, status, gold, scores: dict, infra: float = 0.0) -> dict
 
 
 def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs) -> dict:
-    """Score one trajectory: R = w_rec r_rec + w_con r_con + w_und r_und (DESIGN §3.2), with its components.
+    """Score one trajectory: R = w_rec r_rec + w_con r_con + w_und r_und (docs/method.md §3.4), with its components.
 
     >>> r = compute_score("selfemo/meld", "<emotion>joy, surprise</emotion>", ["joy"])
     >>> round(r["score"], 3), r["parse_ok"], r["pred_mask"], r["has_con"]

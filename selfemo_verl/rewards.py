@@ -1,11 +1,12 @@
-"""Reward math for SELF-EMO (DESIGN.md §3): smoothed IoU, the episode reward, group consistency, label bitmasks.
+"""Reward math for SELF-EMO (docs/method.md §3-4): smoothed IoU, episode reward, group consistency, label bitmasks.
 
 Core module: plain Python and numpy, no verl, no ray. Label sets arrive from untrusted model output, so every
 function here is total on its *label* arguments (any container, unknown labels, empty sets) and raises only on
 configuration errors (an unknown label space, `beta > 0` without a label space, `beta` outside [0, 1], `eps < 0`).
 
-Assumption (whole module): the paper's full text is not available; the formulas are this project's (DESIGN §3),
-chosen to match the abstract's "multi-label alignment score plus a group-level consistency term".
+Assumption (whole module): the paper's full text is not available; the formulas are this project's
+(docs/method.md §3-4), chosen to match the abstract's "multi-label alignment score plus a group-level consistency
+term".
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 
 from selfemo_verl.labels import LABEL_SPACES, VALENCE_AROUSAL, check_label_space
 
-# DESIGN §3 defaults, used only as the core functions' keyword defaults (recipes set them in the YAML).
+# docs/method.md §3 defaults, used only as the core functions' keyword defaults (recipes set them in the YAML).
 EPS, BETA, SIGMA, R_INVALID = 0.1, 0.0, 0.5, 0.0
 W_REC, W_CON, W_UND = 1.0, 0.5, 0.25
 
@@ -98,7 +99,7 @@ def _check_knobs(label_space, eps: float, beta: float, sigma: float) -> None:
 def smoothed_iou(
     pred, gold, label_space: str | None = None, eps: float = EPS, beta: float = BETA, sigma: float = SIGMA
 ) -> float:
-    """Smoothed multi-label IoU between a predicted set P and a gold set G (DESIGN §3.1).
+    """Smoothed multi-label IoU between a predicted set P and a gold set G (docs/method.md §3.1-3.2).
 
         sIoU(P, G) = (sum_{k in P|G} min(p_k, g_k) + eps) / (|P | G| + eps),   p = 1_P
         g_k = max(1_G(k), beta * max_{j in G} S_jk),   S_jk = exp(-||va_j - va_k||^2 / (2 sigma^2))
@@ -133,7 +134,7 @@ def smoothed_iou(
 def episode_reward(
     r_rec, r_con=None, r_und=None, w_rec: float = W_REC, w_con: float = W_CON, w_und: float = W_UND
 ) -> float:
-    """Weighted sum of the present episode terms (DESIGN §3.2): R = w_rec r_rec + w_con r_con + w_und r_und.
+    """Weighted sum of the present episode terms (docs/method.md §3.4): R = w_rec r_rec + w_con r_con + w_und r_und.
 
     A term that is None (no self-play turn, no real next utterance) is skipped; the weights of the others are
     NOT renormalised. Why: (1) a skipped term then contributes exactly what a failed one does with the default
@@ -168,7 +169,7 @@ def score_episode(
     eps: float = EPS, beta: float = BETA, sigma: float = SIGMA,
     w_rec: float = W_REC, w_con: float = W_CON, w_und: float = W_UND,
 ) -> dict:
-    """All reward terms of one episode (DESIGN §3.1-3.2) from already-parsed label sets; never raises on labels.
+    """All reward terms of one episode (docs/method.md §3.4) from already-parsed label sets; never raises on labels.
 
         r_rec = sIoU(P_t, G_t)
         r_con = mean over self-play turns of sIoU(P-hat, E)   (None without turns)
@@ -267,7 +268,7 @@ def consensus(label_sets, label_space: str | None = None) -> frozenset:
 
 
 def group_consistency(label_sets, voters, label_space: str | None = None, eps: float = EPS) -> list[float]:
-    """Per-episode agreement with the group consensus (DESIGN §3.3): c_i = sIoU(P_i, M) for voters, else 0.
+    """Per-episode agreement with the group consensus (docs/method.md §4.2): c_i = sIoU(P_i, M) for voters, else 0.
 
     M = consensus of the voters' sets only. `voters[i]` is true when episode i's recognizer answer parsed and
     its episode had no infrastructure failure; a non-voter gets c_i = 0, so a format failure (whose empty set

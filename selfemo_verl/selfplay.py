@@ -1,4 +1,4 @@
-"""Pure logic of one self-play episode (DESIGN.md §4): who replies, the judge's majority vote, the record.
+"""Pure logic of one self-play episode (docs/method.md §6): who replies, the judge's majority vote, the record.
 
 Core module: no verl, no ray. The agent loop (`selfemo_verl.agent_loop`) only moves tokens; every decision about
 labels, speakers and the `extra_fields["selfemo"]` record that the reward (`selfemo_verl.reward`) and the
@@ -9,7 +9,7 @@ label_space, pred, pred_status, [stated, stated_status, reply, reply_status, rep
 judged_status, judge_agreement], later_turns (turns 2..T, same keys), error (str reason or None),
 infra_error (int 0/1), plus mode ("self_play" | "recognize").
 
-Two kinds of failure, never confused (DESIGN §3.2): `infra_error = 1` when a server call of the episode raised,
+Two kinds of failure, never confused (docs/method.md §3.5): `infra_error = 1` when a server call of the episode raised,
 timed out, aborted or returned an invalid object at any step, one judge sample included (the agent loop calls
 `SelfPlayRecord.infra_fail`; a judge sample that never came back also sets it through its turn); the policy's own
 failures (empty, unparseable or cut answers) only set `error` and the parse statuses, with `infra_error = 0`.
@@ -61,7 +61,7 @@ def majority_vote(answers: list[tuple[frozenset, str]]) -> tuple[frozenset, str,
 
     Only samples that parsed ("ok") vote; ties go to the set seen first. agreement = (# samples equal to the
     majority set) / k. With no parsed sample the result is (empty set, first sample's status, 0.0).
-    Assumption: the paper gives no rule for k > 1; we use plain plurality over exact label sets (DESIGN §4.3).
+    Assumption: the paper gives no rule for k > 1; we use plain plurality over exact label sets (docs/method.md §6.6).
 
     >>> j, s = frozenset({"joy"}), frozenset({"sadness"})
     >>> majority_vote([(j, "ok"), (s, "ok"), (j, "ok"), (frozenset(), "no_tag")])

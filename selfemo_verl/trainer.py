@@ -1,4 +1,4 @@
-"""SELF-GRPO trainer: verl 0.9.1's v1 synchronous PPO trainer plus group-level consistency (DESIGN §3.3, §5).
+"""SELF-GRPO trainer: verl 0.9.1's v1 synchronous PPO trainer plus group-level consistency (docs/method.md §4, §5).
 
 Adapter; every reliance on a private verl 0.9.1 name lives in this file, each marked, each with a contract
 test in tests/test_trainer_on_cpu.py.
@@ -12,9 +12,9 @@ What changes against `PPOTrainerSync`: only the advantage step, and only with `a
    `{uid}_{session}_{output}`.
 2. c_i = sIoU(P_i, M_uid) over the rows of each uid (`rewards.group_consistency_from_masks`), with the
    sIoU ε of `selfemo.reward.eps`; only episodes whose answer parsed (`parse_ok`) and that had no
-   infrastructure failure (`infra_error`, DESIGN §3.2) vote, the others get c_i = 0. n_labels is the widest label space (7): a mask never sets bits beyond its
-   own space, so the extra all-zero columns change neither the consensus nor the sIoU, and mixed-dataset
-   batches need no per-row label space.
+   infrastructure failure (`infra_error`, docs/method.md §3.5) vote, the others get c_i = 0. n_labels is the
+   widest label space (7): a mask never sets bits beyond its own space, so the extra all-zero columns change
+   neither the consensus nor the sIoU, and mixed-dataset batches need no per-row label space.
 3. Run verl's own `_compute_advantage` (KL-in-reward, rollout correction, write-back untouched) with a
    `ConsistencyFeed` active; the registered `self_grpo` estimator takes c_i from it after checking the uids
    match row for row, gives A = 0 to `infra_error` episodes and leaves them out of their group's mean and
@@ -107,7 +107,7 @@ def _real_infos(tags, rows) -> list:
 
 def reward_metrics(tags, rows) -> dict[str, float]:
     """`selfemo/infra_error_rate` over real episodes; `selfemo/r_rec`, `r_con`, `r_und`, `parse_ok` step means
-    over real episodes without an infrastructure failure (those are not the policy's scores, DESIGN §3.2)."""
+    over real episodes without an infrastructure failure (those are not the policy's scores, docs/method.md §3.5)."""
     infos = [info for info in _real_infos(tags, rows) if isinstance(info, dict)]
     if not infos:
         return {}
@@ -152,7 +152,7 @@ def check_one_output_per_session(keys) -> None:
 def consistency_feed_for(keys, tags, rows, eps: float) -> ConsistencyFeed:
     """The estimator feed for one batch: uids, c_i per row, real rows, and rows hit by infrastructure failures.
 
-    Only parsed episodes without an infrastructure failure vote and score (DESIGN §3.3); others get c_i = 0.
+    Only parsed episodes without an infrastructure failure vote and score (docs/method.md §4.2); others get c_i = 0.
     """
     # TensorDict["non-tensor field"] is a list of the python values (tensordict LinkedList).
     uids = np.array(list(rows["uid"]), dtype=object)

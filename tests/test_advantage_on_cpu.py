@@ -1,4 +1,4 @@
-"""SELF-GRPO (selfemo_verl/advantage.py, its verl registration selfemo_verl/estimator.py): DESIGN §5."""
+"""SELF-GRPO (selfemo_verl/advantage.py, its verl registration selfemo_verl/estimator.py): docs/method.md §5."""
 
 import doctest
 import math

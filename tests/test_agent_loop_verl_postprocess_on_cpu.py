@@ -1,7 +1,7 @@
 """Failed self-play episodes through verl 0.9.1's REAL v1 rollout post-processing and metric step.
 
-Wiring (DESIGN §4): an episode whose server failed — at its first call, by aborting, by timing out, by returning
-garbage — must not crash the training step. The path below is verl's own, end to end on CPU:
+Wiring (docs/method.md §6.8): an episode whose server failed — at its first call, by aborting, by timing out, by
+returning garbage — must not crash the training step. The path below is verl's own, end to end on CPU:
 parquet -> RLHFDataset -> collate -> uid + global_steps (as `PPOTrainer._fetch_one_gen_batch` /
 `_next_train_batch` build it) -> `AgentLoopWorkerTQ.generate_sequences` (its `_run_prompt`, `_run_agent_loop`,
 our loop, the streaming reward through verl's naive reward manager, `_agent_loop_postprocess` with

@@ -238,7 +238,7 @@ def test_selfemo_fault_run_gives_failed_episodes_zero_advantage(fault_run):
     adv = _metric(fault_run, "selfemo/infra_adv_abs_max",
                   "selfemo_verl/trainer.py does not log max |A| over infra_error episodes yet")
     assert max(rates) > 0.0
-    # reason: DESIGN §3.2, an infrastructure failure is left out of training: A = 0 for every such episode
+    # reason: docs/method.md §3.5, an infrastructure failure is left out of training: A = 0 for every such episode
     assert adv == [0.0] * STEPS, adv
 
 

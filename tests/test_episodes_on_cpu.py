@@ -1,4 +1,4 @@
-"""selfemo_verl.episodes: per-step JSONL episode dumps, atomic writes, corrupt lines counted (DESIGN §6)."""
+"""selfemo_verl.episodes: per-step JSONL episode dumps, atomic writes, corrupt lines counted (docs/method.md §7.1)."""
 
 from __future__ import annotations
 

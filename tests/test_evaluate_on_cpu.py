@@ -1,4 +1,4 @@
-"""selfemo_verl.evaluate + eval_generate: ERC metrics, the score/generate/consistency/report CLI (DESIGN §9)."""
+"""selfemo_verl.evaluate + eval_generate: ERC metrics, the score/generate/consistency/report CLI (docs/method.md §9)."""
 
 import doctest
 import importlib
@@ -180,13 +180,13 @@ def test_meld_all_neutral_gives_the_majority_baseline(meld_test, meld_gold, tmp_
     assert main(["score", "--predictions", str(preds), "--data", str(meld_test), "--out", str(out),
                  "--name", "majority"]) == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert round(100 * m["accuracy"], 1) == 48.1  # data/README.md §0: MELD majority baseline
+    assert round(100 * m["accuracy"], 1) == 48.1  # MELD majority baseline, docs/method.md §13.3
     assert round(100 * m["weighted_f1"], 1) == 31.3
     assert m["per_class"]["neutral"]["support"] == 1256 and m["per_class"]["fear"]["support"] == 50
     assert (out / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     row = (out / "results_row.md").read_text()
     cells = [c.strip() for c in row.strip().strip("|").split("|")]
-    assert len(cells) == 8  # the LLM table of notes/erc-anchors.md has 8 columns
+    assert len(cells) == 8  # method, backbone, 3 datasets, acc, source, notes
     assert cells[0] == "majority" and cells[2:6] == ["–", "31.27", "–", "48.12"]
 
 
@@ -452,7 +452,7 @@ def test_prefixes_skip_rows_without_a_next_speaker(meld_test):
 
 
 def test_eval_prompts_show_the_training_window_to_every_role(meld_test):
-    # reason (DESIGN §4): one window for all roles; evaluation cuts the dialogue where training does
+    # reason (docs/method.md §6.3): one window for all roles; evaluation cuts the dialogue where training does
     frame = pd.read_parquet(meld_test).head(60)
     long_rows = [i for i, e in enumerate(frame["extra_info"]) if len(e["window"]) > 3 and e["next_speaker"]]
     assert long_rows, "the test needs rows with more than 3 turns of context"

@@ -1,4 +1,4 @@
-"""selfemo_verl.flywheel and data_prep/flywheel.py: round r's dumps + D_r -> D_{r+1} (DESIGN §6).
+"""selfemo_verl.flywheel and data_prep/flywheel.py: round r's dumps + D_r -> D_{r+1} (docs/method.md §7).
 
 Property tests run `build_next_round` on a small base built with erc_data (the real row schema) and random
 episode records, against expectations written out here from the module docstring's rules (loop references and

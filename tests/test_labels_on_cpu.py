@@ -1,4 +1,4 @@
-"""parse_emotions and the label tables (DESIGN.md §2)."""
+"""parse_emotions and the label tables (docs/method.md §2)."""
 
 import pytest
 from hypothesis import given, settings

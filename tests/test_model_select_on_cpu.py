@@ -1,4 +1,5 @@
-"""selfemo_verl.model_select: model selection on val over all rounds (DESIGN §9) and the recipes' start-up check.
+"""selfemo_verl.model_select: model selection on val over all rounds (docs/method.md §8.2) and the recipes'
+start-up check.
 
 Round directories are built by hand the way verl 0.9.1 leaves them: `metrics.jsonl` from its file logger (one
 `{"step", "data"}` line per step; the step-0 line is `trainer.val_before_train`) and `ckpt/global_step_<n>/<HF>`.

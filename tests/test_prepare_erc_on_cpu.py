@@ -1,4 +1,4 @@
-"""data_prep/prepare_erc.py and selfemo_verl.erc_data / erc_download: raw ERC data -> verl parquet (DESIGN §8).
+"""data_prep/prepare_erc.py and selfemo_verl.erc_data / erc_download: raw ERC data -> verl parquet (docs/method.md §13).
 
 The three datasets are prepared once per session (about 2 s in all); bad-input cases run on small copies.
 """
@@ -23,7 +23,7 @@ from selfemo_verl.prompts import recognize_messages
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = REPO / "data_prep" / "prepare_erc.py"
-EXPECTED_ROWS = {  # the standard splits (DESIGN §8, ../shared/data/README.md)
+EXPECTED_ROWS = {  # the standard splits (docs/method.md §13.3)
     "meld": {"train": 9989, "val": 1109, "test": 2610},
     "emorynlp": {"train": 7551, "val": 954, "test": 984},
     "iemocap": {"train": 5163, "val": 647, "test": 1623},
@@ -170,7 +170,7 @@ def test_stats_prints_a_summary_per_split_and_the_label_table(data_dir, tmp_path
     assert _run("iemocap", data_dir / "iemocap", tmp_path, "--stats") == 0
     out = capsys.readouterr().out
     assert "iemocap/test: 1623 rows, 31 dialogues" in out
-    # reason: test has 381 frustrated of 1623 = 23.5 % (../shared/data/README.md §1)
+    # reason: test has 381 frustrated of 1623 = 23.5 % (docs/method.md §13.3)
     assert any(line.split()[:2] == ["frustrated", "1296"] and "381 ( 23.5%)" in line for line in out.splitlines())
 
 

@@ -1,4 +1,4 @@
-"""The three role prompts and the reply parser (selfemo_verl/prompts.py, DESIGN.md §4)."""
+"""The three role prompts and the reply parser (selfemo_verl/prompts.py, docs/method.md §6.2, §2.5)."""
 
 import pytest
 from hypothesis import given, settings

@@ -2,7 +2,8 @@
 line naming the key and exit 2, what the cluster would refuse (issue 13); the round loop chains D_r -> flywheel ->
 D_{r+1} and checkpoints (only from an export that holds its weights), selects the checkpoint with the best val
 weighted-F1 over all rounds and evaluates test with it; on a fresh machine the data is downloaded (MELD) or
-requested (IEMOCAP); the scripts follow STYLE §7.
+requested (IEMOCAP); the scripts follow the house style (set -euo pipefail, variables with defaults, no pkill
+or ray stop).
 
 The dry runs call the real `recipes/check_config.py` (Hydra compose of selfemo_trainer.yaml + verl's
 validate_config + verl's estimator/reward loaders + selfemo_verl.preflight) and the real
@@ -489,7 +490,7 @@ def test_recipe_scripts_follow_the_house_style(script):
     shared = (REPO / "recipes" / "_rounds.sh").read_text()
     assert "set -euo pipefail" in text and text.rstrip().endswith('"$@"')
     for banned in ("pkill", "ray stop", "custom_reward_function.path=reward_fns", "reward_model.reward_manager"):
-        assert banned not in text + shared  # reason: STYLE §7, and reward.* keys only (no legacy keys)
+        assert banned not in text + shared  # reason: house style, and reward.* keys only (no legacy keys)
     for var in ("MODEL_PATH", "NGPUS", "NNODES"):
         assert f"{var}=${{{var}:-" in text
     for var in ("DATA_DIR", "ROUNDS", "DATASET", "OUT_DIR"):

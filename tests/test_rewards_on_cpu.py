@@ -1,4 +1,4 @@
-"""selfemo_verl.rewards: smoothed IoU, episode reward, group consistency, bitmasks (DESIGN §3)."""
+"""selfemo_verl.rewards: smoothed IoU, episode reward, group consistency, bitmasks (docs/method.md §3, §4)."""
 
 import itertools
 import math
@@ -82,7 +82,7 @@ def test_beta_zero_equals_plain_set_iou_with_or_without_label_space(p, g):
 
 
 def _dense_reference(p, g, space, eps, beta, sigma):
-    """Loop reference of DESIGN §3.1 (revised): both sums over P ∪ G only."""
+    """Loop reference of docs/method.md §3.2: both sums over P ∪ G only."""
     va = VALENCE_AROUSAL[space]
     num = den = 0.0
     for k in set(p) | set(g):
@@ -125,7 +125,7 @@ def test_semantic_smoothing_gives_near_miss_more_credit_than_far_miss():
 @pytest.mark.parametrize(
     "pred, expected",
     [
-        ("disgust", 1.0),  # reason: exact hit scores exactly 1 whatever beta (DESIGN §3.1 revised)
+        ("disgust", 1.0),  # reason: exact hit scores exactly 1 whatever beta (docs/method.md §3.2)
         ("anger", 0.133),  # reason: near miss: (0.3 * S(disgust, anger) + 0.1) / 2.1
         ("joy", 0.049),  # reason: far miss: S(disgust, joy) ~ 0.01, barely above eps / 2.1 = 0.048
     ],
@@ -273,7 +273,7 @@ def test_group_consistency_differs_from_per_sample_scoring():
 
 
 def test_an_unparsed_answer_gets_less_consistency_than_a_parsed_wrong_label():
-    # reason (DESIGN §3.3): the unparsed episode neither votes nor scores, so it gets 0, below the parsed
+    # reason (docs/method.md §4.2): the unparsed episode neither votes nor scores, so it gets 0, below the parsed
     # minority label's eps / (2 + eps) ~ 0.048; before the revision it got sIoU({}, M) ~ 0.09
     c = group_consistency([{"joy"}, {"joy"}, {"anger"}, set()], [True, True, True, False], "meld")
     assert c == pytest.approx([1.0, 1.0, 0.1 / 2.1, 0.0])

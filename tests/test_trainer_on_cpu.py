@@ -136,7 +136,7 @@ def test_infra_failures_get_zero_advantage_and_unparsed_answers_do_not_vote(conf
     _trainer(config)._compute_advantage(batch, metrics)
 
     adv = {k: fake.rows[("train", k)]["advantages"][0].item() for k in batch.keys}
-    assert adv[infra_key] == 0.0  # reason: DESIGN §3.2, left out of training
+    assert adv[infra_key] == 0.0  # reason: docs/method.md §3.5, left out of training
     # reason: independent path: members of group A are episodes 0, 2, 3; the voters 0 and 3 tie (joy vs anger),
     # so both labels are in M and each voter scores (1 + eps) / (2 + eps); the unparsed episode gets c = 0
     members = [batch.keys[0], unparsed_key, batch.keys[3]]

@@ -1,4 +1,4 @@
-"""CPU development backend for verl 0.9.1 (DESIGN.md §10): tiny offline assets, a `cpu` platform and an
+"""CPU development backend for verl 0.9.1 (docs/method.md §10): tiny offline assets, a `cpu` platform and an
 `hf` rollout replica. Used by tests, CI and the CPU demo only; the GPU recipes never load it.
 
 Nothing here is active unless the user opts in with `VERL_PLATFORM=cpu` (platform) and

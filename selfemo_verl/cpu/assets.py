@@ -1,4 +1,4 @@
-"""Small offline model assets for CPU runs (DESIGN.md §10), built once and cached.
+"""Small offline model assets for CPU runs (docs/method.md §10), built once and cached.
 
 - `tiny_model_dir()`: a random tiny Qwen3 (2 layers, hidden 64, about 0.2M parameters) with a ByteLevel
   BPE tokenizer (1024 tokens) trained on a built-in corpus of the project's prompts, the emotion words

@@ -15,7 +15,7 @@ prompts reuse the KV cache of their longest prefix seen since the last weight sy
 model is loaded in `rollout.dtype` (verl's key; the CPU launch overrides set float32) and computes with
 `SELFEMO_HF_THREADS` torch threads (default: all cores but one, see `server_threads`).
 
-Fault injection (tests of the infra-error path, DESIGN §3.2; off by default), read from the environment when
+Fault injection (tests of the infra-error path, docs/method.md §3.5; off by default), read from the environment when
 the server starts (Ray workers inherit the driver's):
 - `SELFEMO_HF_FAIL_FIRST_CALLS=0.25`: the server fails that share of the calls whose request id it sees for
   the first time, on a fixed seeded pattern (exactly floor(N * share) or one more of the first N new ids);

@@ -1,4 +1,4 @@
-"""The environment and Hydra overrides that run verl 0.9.1's trainer on a CPU (DESIGN.md §10).
+"""The environment and Hydra overrides that run verl 0.9.1's trainer on a CPU (docs/method.md §10).
 
 One source for scripts and tests:
 
@@ -6,13 +6,14 @@ One source for scripts and tests:
     mapfile -t CPU < <(python -m selfemo_verl.cpu.launch overrides)
     python -m verl.trainer.main_ppo "${CPU[@]}" ...             # or python -m selfemo_verl.main
 
-Why each item is needed (notes/verl-0.9.1-on-cpu.md §5, blockers 1-10): see the comments below.
+Why each item is needed: see the comments below.
 The overrides set only the device plumbing and the precision; batch sizes, lengths and the model are the caller's.
 
 Precision: fp32 for the actor, the reference and the rollout server on every CPU (`precision_overrides`). verl's
 FSDP engine defaults to bf16 compute (mixed_precision.param_dtype) and its rollout config to bf16. Measured with
 benchmarks/bench_cpu_precision.py (SmolLM2-135M, 1 thread):
-- a CPU without native bf16 (AVX2 only) runs a bf16 matmul about 37x slower than fp32 (notes §6);
+- a CPU without native bf16 (AVX2 only) runs a bf16 matmul about 37x slower than fp32 (747 vs 20 ms
+  for one 512x576 @ 576x1536 matmul on one thread);
 - with native bf16 (AVX512-BF16) the actor's forward+backward is 1.8x faster in bf16, but the server's batched
   decode step is slower (241 vs 154 ms at batch 16), and the actor-vs-rollout agreement
   (`training/rollout_probs_diff_max`) is 0.055 with a bf16 actor and an fp32 server and still 0.053 with both in
