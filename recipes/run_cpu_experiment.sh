@@ -41,7 +41,7 @@ COMMON=(
   actor_rollout_ref.actor.checkpoint.save_contents='[hf_model]'
   selfemo.trainer.time_budget_s="$TRAIN_S"
   actor_rollout_ref.rollout.n=4
-  actor_rollout_ref.actor.optim.lr=1e-4
+  actor_rollout_ref.actor.optim.lr=5e-5
   selfemo.agent.max_tokens.recognize="$RECOGNIZE_TOKENS"
   selfemo.agent.max_tokens.respond=48
   selfemo.agent.max_tokens.judge=24
@@ -60,6 +60,7 @@ evaluate() {  # evaluate generate on the dev subset: metrics.json and confusion_
 for seed in $SEEDS; do
   for arm in selfemo recognize; do
     run=$OUT_DIR/${arm}_seed$seed
+    [ -f "$run/dev_eval/metrics.json" ] && continue   # done in an earlier invocation (delete the folder to redo it)
     MODEL_PATH="$MODEL_PATH" OUT_DIR="$run" DATA_DIR="$DATA_DIR/$arm" WINDOW="$WINDOW" STEPS=100000 \
       bash recipes/run_cpu_smoke.sh "${COMMON[@]}" ${ARM[$arm]} data.seed="$seed" \
       trainer.experiment_name="experiment_${arm}_seed$seed" "$@"
