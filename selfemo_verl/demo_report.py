@@ -75,14 +75,15 @@ def format_table(table: list[tuple[str, float, float]]) -> str:
 def verdict(table: list[tuple[str, float, float]]) -> str:
     """One line: the trained model's weighted-F1 and classes predicted beside the majority baseline on the same rows.
 
-    >>> verdict([("weighted-F1 (%)", 20.0, 35.0), ("classes predicted", 1, 3), ("majority class: weighted-F1 (%)", 31.0, 31.0)])
-    'after training: weighted-F1 35.00 vs 31.00 for the majority class on the same rows (above), 3 classes predicted'
+    >>> verdict([("weighted-F1 (%)", 20.0, 35.0), ("classes predicted", 1, 3),
+    ...          ("majority class: weighted-F1 (%)", 31.0, 31.0)])
+    'after training: weighted-F1 35.00 vs 31.00 (majority class, same rows): above; 3 classes predicted'
     """
     cells = {label: after for label, _, after in table}
     ours, majority = cells["weighted-F1 (%)"], cells["majority class: weighted-F1 (%)"]
     side = "above" if ours > majority else "not above"
-    return (f"after training: weighted-F1 {ours:.2f} vs {majority:.2f} for the majority class on the same rows "
-            f"({side}), {cells['classes predicted']:.0f} classes predicted")
+    return (f"after training: weighted-F1 {ours:.2f} vs {majority:.2f} (majority class, same rows): {side}; "
+            f"{cells['classes predicted']:.0f} classes predicted")
 
 
 def plot_curves(rows: list[tuple[int, dict]], out_png: Path) -> list[str]:

@@ -119,11 +119,13 @@ def table(runs: dict[str, list[dict]], n_dev: int) -> str:
     lines.append("| majority class (same rows) | – | – | – | " +
                  " | ".join(f"{majority[n]:.1f}" if n in majority else "–" for n in names) + " |")
     zero = [r["vals"][0][1] for arm in runs.values() for r in arm]
-    lines.append("| zero-shot (before training) | – | 0 | – | " + " | ".join(_cell([z[n] for z in zero]) for n in names) + " |")
+    cells = " | ".join(_cell([z[n] for z in zero]) for n in names)
+    lines.append(f"| zero-shot (before training) | – | 0 | – | {cells} |")
     for arm, arm_runs in runs.items():
         after = [r["vals"][-1][1] for r in arm_runs]
+        cells = " | ".join(_cell([a[n] for a in after]) for n in names)
         lines.append(f"| {ARMS[arm]} | {len(arm_runs)} | {_span([r['steps'] for r in arm_runs])} | "
-                     f"{_span([r['train_s'] for r in arm_runs])} | " + " | ".join(_cell([a[n] for a in after]) for n in names) + " |")
+                     f"{_span([r['train_s'] for r in arm_runs])} | {cells} |")
     return "\n".join(lines) + "\n"
 
 

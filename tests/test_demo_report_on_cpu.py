@@ -50,5 +50,5 @@ def test_verdict_compares_with_the_majority_baseline_of_the_same_validation():
             (4, {"val-core/selfemo/weighted_f1/meld": 0.30, "val-aux/selfemo/majority_weighted_f1/meld": 0.31,
                  "val-aux/selfemo/classes_predicted/meld": 2})]
     line = verdict(before_after(rows, "meld"))
-    assert "30.00 vs 31.00" in line and "(not above)" in line  # reason: 30 < 31 on the same rows
+    assert "30.00 vs 31.00" in line and ": not above;" in line  # reason: 30 < 31 on the same rows
     assert line.endswith("2 classes predicted")
