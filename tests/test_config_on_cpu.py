@@ -77,12 +77,13 @@ def test_verl_hands_selfemo_reward_knobs_to_compute_score(config):
 
 
 def test_selfemo_namespace_holds_the_agreed_keys(config):
-    assert set(config.selfemo) == {"agent", "reward", "dump"}
+    assert set(config.selfemo) == {"agent", "reward", "trainer", "dump"}
     assert set(config.selfemo.agent) == {"window", "self_play_turns", "judge_samples", "max_tokens", "temperature"}
     assert set(config.selfemo.agent.max_tokens) == set(config.selfemo.agent.temperature) == {
         "recognize", "respond", "judge"}
     assert set(config.selfemo.reward) == {"eps", "beta", "sigma", "r_invalid", "w_rec", "w_con", "w_und"}
     assert set(config.selfemo.dump) == {"enable", "dir"}
+    assert set(config.selfemo.trainer) == {"time_budget_s"} and config.selfemo.trainer.time_budget_s is None
 
 
 def test_every_yaml_key_has_a_comment_line_above_it():
