@@ -110,9 +110,12 @@ def _cell(values: list[float]) -> str:
 
 
 def table(runs: dict[str, list[dict]], n_dev: int) -> str:
-    """Markdown: majority and zero-shot baselines, then each arm after training (mean ± sd over seeds)."""
+    """Markdown: majority and zero-shot baselines, then each arm after training (mean ± sd over seeds).
+
+    "step s" sums the runs' `timing_s/step` (validations excluded; the time budget counts them too).
+    """
     names = [name for name, _, _ in COLUMNS]
-    lines = [f"| MELD dev, {n_dev} fixed rows | seeds | steps | train s | " + " | ".join(names) + " |",
+    lines = [f"| MELD dev, {n_dev} fixed rows | seeds | steps | step s | " + " | ".join(names) + " |",
              "|---|---|---|---|" + "---|" * len(names)]
     first = next(iter(runs.values()))
     majority = {name: first[0]["majority"][name] for name, _ in MAJORITY}
