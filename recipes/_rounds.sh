@@ -14,7 +14,7 @@
 # `python -m selfemo_verl.model_select check`) and keeps every checkpoint. Then model selection on val
 # (docs/method.md §8.2): `python -m selfemo_verl.model_select select` picks, over all rounds, the checkpoint with
 # the best val-core/selfemo/weighted_f1/<dataset> in round_r/metrics.jsonl (ties: the earlier) and writes
-# OUT_DIR/selection.json; EVAL_SPLITS are scored once with that checkpoint (python -m selfemo_verl.evaluate
+# OUT_DIR/selection.json; EVAL_SPLITS are scored once with that checkpoint (python -m selfemo_verl.eval
 # generate/consistency --selection, same token budgets as training) and OUT_DIR/eval/report.md names it.
 # A round whose round_r/DONE exists is not retrained, so re-running the recipe resumes where it stopped
 # (inside a round, verl's trainer.resume_mode=auto resumes from the round's last checkpoint; verl's file logger
@@ -136,13 +136,13 @@ selfemo_evaluate() {
   for a in "$@"; do case $a in *selfemo.agent.max_tokens*|*selfemo.agent.window=*) budgets+=(--train-override "$a") ;; esac; done
   for split in $EVAL_SPLITS; do
     for mode in generate consistency; do
-      selfemo_step "$PYTHON" -m selfemo_verl.evaluate "$mode" --selection "$OUT_DIR/selection.json" \
+      selfemo_step "$PYTHON" -m selfemo_verl.eval "$mode" --selection "$OUT_DIR/selection.json" \
         --data "$DATA_DIR/$split.parquet" --out "$OUT_DIR/eval/${split}_$mode" \
         --chat-template-kwargs "{\"enable_thinking\": $THINKING}" "${budgets[@]}"
     done
     reports+=("$OUT_DIR/eval/${split}_generate")
   done
-  selfemo_step "$PYTHON" -m selfemo_verl.evaluate report "${reports[@]}" --out "$OUT_DIR/eval/report.md"
+  selfemo_step "$PYTHON" -m selfemo_verl.eval report "${reports[@]}" --out "$OUT_DIR/eval/report.md"
 }
 
 selfemo_rounds() {

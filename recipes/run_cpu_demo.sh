@@ -57,5 +57,5 @@ $PYTHON -m selfemo_verl.demo_report "$OUT_DIR/metrics.jsonl" --dataset meld --ou
 MODEL_OUT="$OUT_DIR/ckpt/global_step_$STEPS/actor/huggingface"
 echo "trained model (Hugging Face folder): $MODEL_OUT"
 echo "score it on MELD test (writes predictions.jsonl, metrics.json, confusion_matrix.png):"
-echo "  $PYTHON -m selfemo_verl.evaluate generate --backend hf --model $MODEL_OUT --data $DATA_DIR/test.parquet" \
+echo "  $PYTHON -m selfemo_verl.eval generate --backend hf --model $MODEL_OUT --data $DATA_DIR/test.parquet" \
   "--out $OUT_DIR/test_eval --train-override selfemo.agent.window=$WINDOW --train-override selfemo.agent.max_tokens.recognize=$RECOGNIZE_TOKENS"

@@ -6,7 +6,7 @@
 #   recognize: GRPO on recognition only (selfemo_recognize agent loop, verl's grpo);
 # and score a fixed subset of N_DEV MELD-dev rows before training, every VAL_EVERY steps and after (verl's
 # validation: accuracy, weighted-/macro-F1, parse failures, classes predicted, with the majority-class baseline of
-# the same rows). Each trained model is also scored by `evaluate generate` (metrics.json, confusion_matrix.png).
+# the same rows). Each trained model is also scored by `eval generate` (metrics.json, confusion_matrix.png).
 # Writes $OUT_DIR/results.md and $OUT_DIR/val_weighted_f1.png. Not part of CI.
 # Budget: about (TRAIN_S + 5 min) per run; the defaults (1 seed, 2 arms, TRAIN_S=1080) take about 50 minutes.
 # Usage: bash recipes/run_cpu_experiment.sh [extra hydra overrides for both arms...]
@@ -22,7 +22,7 @@ VAL_EVERY=${VAL_EVERY:-4}         # validate every VAL_EVERY steps (and after th
 RAW_DIR=${RAW_DIR:-}              # raw MELD CSVs; unset: ../shared/data/meld when it exists, else downloaded
 DATA_URL=${DATA_URL:-}            # download mirror of declare-lab/MELD (unset: the pinned GitHub commit)
 WINDOW=${WINDOW:-4}               # dialogue turns per prompt (the demo's)
-RECOGNIZE_TOKENS=24               # the recognizer's answer budget (training, validation, evaluate generate)
+RECOGNIZE_TOKENS=24               # the recognizer's answer budget (training, validation, eval generate)
 MODEL_PATH=${MODEL_PATH:-$($PYTHON -c "from selfemo_verl.cpu.assets import smollm2_dir; print(smollm2_dir())")}
 mkdir -p "$OUT_DIR" && OUT_DIR=$(cd "$OUT_DIR" && pwd)
 DATA_DIR=$OUT_DIR/data
@@ -51,8 +51,8 @@ declare -A ARM=(
   [selfemo]="algorithm.adv_estimator=self_grpo"
   [recognize]="algorithm.adv_estimator=grpo"
 )
-evaluate() {  # evaluate generate on the dev subset: metrics.json and confusion_matrix.png in $2
-  $PYTHON -m selfemo_verl.evaluate generate --backend hf --model "$1" --data "$DATA_DIR/val.parquet" --out "$2" \
+evaluate() {  # eval generate on the dev subset: metrics.json and confusion_matrix.png in $2
+  $PYTHON -m selfemo_verl.eval generate --backend hf --model "$1" --data "$DATA_DIR/val.parquet" --out "$2" \
     --train-override selfemo.agent.window="$WINDOW" --train-override selfemo.agent.max_tokens.recognize="$RECOGNIZE_TOKENS"
 }
 

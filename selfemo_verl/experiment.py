@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from selfemo_verl.demo_report import read_metrics
-from selfemo_verl.evaluate import mean_sd
+from selfemo_verl.eval.metrics import mean_sd
 from selfemo_verl.files import atomic_write
 
 ARMS = {"selfemo": "SELF-EMO (self-play, SELF-GRPO)", "recognize": "GRPO, recognition only"}
@@ -133,7 +133,7 @@ def table(runs: dict[str, list[dict]], n_dev: int) -> str:
 
 
 def _eval_lines(exp_dir: Path) -> str:
-    """The `evaluate generate` scores of the same rows (zero-shot and each trained model), with their confusion PNG."""
+    """The `eval generate` scores of the same rows (zero-shot and each trained model), with their confusion PNG."""
     found = sorted(exp_dir.glob("zero_shot/metrics.json")) + sorted(exp_dir.glob("*_seed*/dev_eval/metrics.json"))
     lines = []
     for path in found:
@@ -141,7 +141,7 @@ def _eval_lines(exp_dir: Path) -> str:
         lines.append(f"- {path.parent.relative_to(exp_dir)}: accuracy {100 * m['accuracy']:.1f}, weighted-F1 "
                      f"{100 * m['weighted_f1']:.1f}, parse failures {100 * m['parse_failure_rate']:.1f} % "
                      f"({path.parent.relative_to(exp_dir)}/confusion_matrix.png)")
-    return "\nScored again by `evaluate generate` (greedy, same rows):\n" + "\n".join(lines) + "\n" if lines else ""
+    return "\nScored again by `eval generate` (greedy, same rows):\n" + "\n".join(lines) + "\n" if lines else ""
 
 
 def plot(runs: dict[str, list[dict]], out_png: Path) -> None:

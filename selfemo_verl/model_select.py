@@ -35,7 +35,7 @@ from pathlib import Path
 import yaml
 
 from selfemo_verl.demo_report import read_metrics
-from selfemo_verl.evaluate import atomic_write
+from selfemo_verl.files import atomic_write
 from selfemo_verl.preflight import PreflightError
 from selfemo_verl.round_inputs import check_export
 

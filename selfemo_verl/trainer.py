@@ -57,7 +57,7 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
 from selfemo_verl.episodes import records_from_columns, write_step
 from selfemo_verl.estimator import ConsistencyFeed, consistency_feed
-from selfemo_verl.evaluate import metrics_by_source
+from selfemo_verl.eval.metrics import metrics_by_source
 from selfemo_verl.labels import LABEL_SPACES
 from selfemo_verl.rewards import component_means, group_consistency_from_masks
 

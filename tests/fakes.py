@@ -279,7 +279,7 @@ class InlineRewardWorker:
 
 
 class ScriptedGenerate:
-    """Scripted answers in place of `selfemo_verl.eval_generate.Generator` (the model; not a verl boundary).
+    """Scripted answers in place of `selfemo_verl.eval.generate.Generator` (the model; not a verl boundary).
 
     Called like the Generator, `generate(chats, desc=...) -> list[str]`; records every batch of chats it sees
     and answers them from `answers` in order.
@@ -295,7 +295,7 @@ class ScriptedGenerate:
 
 
 class EchoLengthModel:
-    """A causal LM stand-in for `transformers` `model.generate` (the HF model behind eval_generate; not verl).
+    """A causal LM stand-in for `transformers` `model.generate` (the HF model behind eval.generate; not verl).
 
     Checks that each batch is left-padded with `pad_token_id` under a 0 attention mask, then appends one
     token per row: `token_of(number of real prompt tokens)`, so a caller can tell which prompt an answer

@@ -11,7 +11,7 @@ validate_config + verl's estimator/reward loaders + selfemo_verl.preflight) and 
 (vLLM, flash-attn, Megatron are not installed on the CPU machines). The loop test runs `_rounds.sh` for real with a
 stand-in PYTHON that records each command and fakes the trainer (checkpoints with a tiny HF export, file-logger
 lines with val weighted-F1, one dumped episode); the flywheel, model selection and `selfemo_verl.round_inputs` run
-for real, and the evaluation commands are parsed by the real `selfemo_verl.evaluate` CLI to see which model they
+for real, and the evaluation commands are parsed by the real `selfemo_verl.eval` CLI to see which model they
 would load. "A fresh machine" is a copy of recipes/ outside this checkout, where ../shared/data does not exist.
 """
 
@@ -86,8 +86,8 @@ def test_dry_run_composes_and_validates_every_round_with_our_plugin_names(script
     selection = tmp_path / "selection.json"
     assert any(f" -m selfemo_verl.model_select select {rounds} --dataset meld " in c for c in commands)
     for mode in ("generate", "consistency"):  # reason: test is scored with the checkpoint chosen on val
-        assert any(f" -m selfemo_verl.evaluate {mode} --selection {selection} " in c for c in commands)
-    assert not any("--model" in c for c in commands if " -m selfemo_verl.evaluate " in c)
+        assert any(f" -m selfemo_verl.eval {mode} --selection {selection} " in c for c in commands)
+    assert not any("--model" in c for c in commands if " -m selfemo_verl.eval " in c)
     assert not (tmp_path / "round_0" / "ckpt").exists()  # reason: nothing trained
 
 
@@ -220,14 +220,14 @@ def test_a_local_model_is_measured_with_its_own_tokenizer_which_needs_a_chat_tem
 
 FAKE_PYTHON = r"""#!/usr/bin/env bash
 # Stand-in for python: records the command. `-m selfemo_verl.main` runs FAKE_TRAIN; the flywheel, model selection and
-# round_inputs (data preparation, export check) run for real; `-m selfemo_verl.evaluate generate|consistency` records
+# round_inputs (data preparation, export check) run for real; `-m selfemo_verl.eval generate|consistency` records
 # the model the real CLI would load.
 echo "$*" >> "$CALLS"
 case "$1 $2 $3" in
   "-m selfemo_verl.main "*) exec "$REAL_PYTHON" -c "$FAKE_TRAIN" "$@" ;;
   "-m selfemo_verl.model_select "*|"-m selfemo_verl.round_inputs "*|"-m selfemo_verl.ray_env "*|data_prep/flywheel.py*)
     exec "$REAL_PYTHON" "$@" ;;
-  "-m selfemo_verl.evaluate generate"|"-m selfemo_verl.evaluate consistency")
+  "-m selfemo_verl.eval generate"|"-m selfemo_verl.eval consistency")
     exec "$REAL_PYTHON" -c "$WHICH_MODEL" "${@:3}" ;;
 esac
 """
@@ -266,10 +266,11 @@ write_step(args["selfemo.dump.dir"], 7, [rec])
 # The real CLI parses the recipe's evaluation command; record the model and the token budgets it would use.
 WHICH_MODEL = """
 import os, sys
-from selfemo_verl import eval_generate, evaluate
-args = evaluate._parser().parse_args(sys.argv[1:])
-model, checkpoint = eval_generate._model(args)
-budgets = eval_generate.role_budgets(args.train_config, args.train_override, args.max_new_tokens)
+from selfemo_verl.eval import generate
+from selfemo_verl.eval.__main__ import _parser
+args = _parser().parse_args(sys.argv[1:])
+model, checkpoint = generate._model(args)
+budgets = generate.role_budgets(args.train_config, args.train_override, args.max_new_tokens)
 with open(os.environ["CALLS"], "a") as calls:
     calls.write(f"EVAL {args.command} model={model} step={checkpoint['step']} budgets={budgets}\\n")
 """
@@ -298,7 +299,7 @@ def _fake_run(tmp_path: Path, script: str, args=(), repo: Path = REPO, base_parq
 
 
 def _program(line: str) -> str:
-    """'selfemo_verl.main', 'model_select check', 'evaluate report', 'data_prep/flywheel.py', 'EVAL', ..."""
+    """'selfemo_verl.main', 'model_select check', 'eval report', 'data_prep/flywheel.py', 'EVAL', ..."""
     words = line.split()
     if words[0] != "-m":
         return words[0]
@@ -314,7 +315,7 @@ def test_round_loop_chains_flywheel_data_and_checkpoints_and_a_rerun_skips_finis
     round_ = ["ray_env overrides", "model_select check", "selfemo_verl.main", "round_inputs export"]
     assert [_program(line) for line in lines] == [
         "round_inputs data", *round_, "data_prep/flywheel.py", *round_, "data_prep/flywheel.py", *round_,
-        "model_select select", "evaluate generate", "EVAL", "evaluate consistency", "EVAL", "evaluate report"]
+        "model_select select", "eval generate", "EVAL", "eval consistency", "EVAL", "eval report"]
     out = tmp_path / "out"
     last = [line for line in lines if _program(line) == "selfemo_verl.main"][2]
     # reason: round 2 starts from round 1's LAST checkpoint (step 7), not from the best one (step 5)
@@ -343,7 +344,7 @@ def test_test_is_scored_with_the_best_val_checkpoint_over_all_rounds_and_the_rep
     assert (chosen["round"], chosen["step"], chosen["val_weighted_f1"], chosen["path"]) == (1, 5, 0.60, str(best))
     evals = [line for line in calls.read_text().splitlines() if line.startswith("EVAL")]
     assert [line.split()[1:3] for line in evals] == [["generate", f"model={best}"], ["consistency", f"model={best}"]]
-    assert any(line.startswith("-m selfemo_verl.evaluate report") and "/eval/test_generate" in line
+    assert any(line.startswith("-m selfemo_verl.eval report") and "/eval/test_generate" in line
                for line in calls.read_text().splitlines())
 
 
@@ -361,7 +362,7 @@ def test_no_validated_checkpoint_stops_the_recipe_before_evaluation(tmp_path):
     result, calls = _fake_run(tmp_path, "run_qwen3_8b.sh", HF_SUBDIR_EXPECTED=HF_SUBDIR["fsdp"], ROUNDS="1",
                               VAL_F1=json.dumps([{"0": 0.5}]))  # reason: only the starting model was validated
     assert result.returncode == 2 and "model_select: error: no checkpoint to choose" in result.stderr
-    assert "selfemo_verl.evaluate" not in calls.read_text()
+    assert "selfemo_verl.eval" not in calls.read_text()
 
 
 def test_a_resumed_round_keeps_the_interrupted_attempts_metrics_for_selection(tmp_path):

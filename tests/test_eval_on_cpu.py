@@ -1,4 +1,4 @@
-"""selfemo_verl.evaluate + eval_generate: ERC metrics, the score/generate/consistency/report CLI (docs/method.md §9)."""
+"""selfemo_verl.eval: ERC metrics, the score/generate/consistency/report CLI (docs/method.md §9)."""
 
 import doctest
 import importlib
@@ -15,20 +15,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import accuracy_score, f1_score
 
-from selfemo_verl import eval_generate
-from selfemo_verl.evaluate import (
-    FAILURE,
-    corpus_metrics,
-    main,
-    mean_sd,
-    metrics_by_source,
-    read_gold,
-    single_label,
-)
+from selfemo_verl.eval import generate
+from selfemo_verl.eval.__main__ import main
+from selfemo_verl.eval.inputs import read_gold
+from selfemo_verl.eval.metrics import FAILURE, corpus_metrics, mean_sd, metrics_by_source, single_label
 from selfemo_verl.labels import LABEL_SPACES
 
 MELD = list(LABEL_SPACES["meld"])
-MODULES = ["selfemo_verl.evaluate", "selfemo_verl.eval_generate"]
+MODULES = ["selfemo_verl.eval.metrics", "selfemo_verl.eval.inputs", "selfemo_verl.eval.report",
+           "selfemo_verl.eval.generate", "selfemo_verl.eval.__main__"]
 
 
 # --------------------------------------------------------------------------------------------- fixtures
@@ -213,7 +208,7 @@ def test_bad_predictions_file_exits_2_with_one_line_and_writes_nothing(case, mel
     preds = tmp_path / "p.jsonl"
     preds.write_text("\n".join([*lines, bad]) + "\n", encoding="utf-8")
     out = tmp_path / "o"
-    result = subprocess.run([sys.executable, "-m", "selfemo_verl.evaluate", "score", "--predictions", str(preds),
+    result = subprocess.run([sys.executable, "-m", "selfemo_verl.eval", "score", "--predictions", str(preds),
                              "--data", str(meld_test), "--out", str(out)], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and f"{preds}:6" in result.stderr  # file and line named
@@ -296,18 +291,18 @@ def test_generate_on_cpu_writes_a_valid_predictions_file_and_scores_it(tiny_mode
 @pytest.mark.parametrize("command", ["generate", "consistency"])
 def test_missing_model_dir_exits_2_from_the_module_cli(command, meld_test, tmp_path):
     out = tmp_path / "o"
-    result = subprocess.run([sys.executable, "-m", "selfemo_verl.evaluate", command, "--model", str(tmp_path / "no"),
+    result = subprocess.run([sys.executable, "-m", "selfemo_verl.eval", command, "--model", str(tmp_path / "no"),
                              "--data", str(meld_test), "--out", str(out)], capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "no such model" in result.stderr
     assert not out.exists()
 
 
 def test_hf_generation_left_pads_and_returns_answers_in_input_order(tiny_model, meld_test):
-    gen = eval_generate.Generator(tiny_model, {"recognize": 1}, backend="hf", batch_size=4)
+    gen = generate.Generator(tiny_model, {"recognize": 1}, backend="hf", batch_size=4)
     token_of = lambda n: 100 + n % 900  # noqa: E731  an ordinary (non-special) token per prompt length
     gen._model = load_fakes().EchoLengthModel(token_of)  # the fake asserts left padding under a 0 mask
     chats = list(pd.read_parquet(meld_test)["prompt"][:10])
-    lengths = [len(ids) for ids in eval_generate._prompt_ids(gen.tokenizer, chats, {})]
+    lengths = [len(ids) for ids in generate._prompt_ids(gen.tokenizer, chats, {})]
     assert len(set(lengths)) >= 5  # reason: telling answers apart needs prompts of different lengths
     assert gen(chats) == [gen.tokenizer.decode([token_of(n)], skip_special_tokens=True) for n in lengths]
     assert gen._model.widths == sorted(gen._model.widths) and len(gen._model.widths) == 3  # sorted batches
@@ -332,7 +327,7 @@ ANSWERS = {"recognize": "<emotion>neutral</emotion>", "respond": "<emotion>joy</
 
 @pytest.fixture
 def spy_generation(monkeypatch):
-    """Replace the HF generation of eval_generate.Generator: record (role, max new tokens, n prompts) per call and
+    """Replace the HF generation of generate.Generator: record (role, max new tokens, n prompts) per call and
     answer each role with a fixed parsable text (the tokenizer and chat template stay real)."""
     calls = []
 
@@ -340,11 +335,11 @@ def spy_generation(monkeypatch):
         calls.append((desc, max_new_tokens, len(prompt_ids)))
         return [ANSWERS[desc]] * len(prompt_ids)
 
-    monkeypatch.setattr(eval_generate.Generator, "_hf", fake_hf)
+    monkeypatch.setattr(generate.Generator, "_hf", fake_hf)
     return calls
 
 
-def _yaml_budgets(path=eval_generate.TRAINER_YAML) -> dict:
+def _yaml_budgets(path=generate.TRAINER_YAML) -> dict:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(OmegaConf.load(path).selfemo.agent.max_tokens)
@@ -355,18 +350,18 @@ def test_eval_budgets_default_to_the_budgets_training_composes_from_the_yaml():
 
     with initialize_config_module(config_module="selfemo_verl.config", version_base=None):
         training = compose(config_name="selfemo_trainer").selfemo.agent.max_tokens
-    assert eval_generate.role_budgets() == dict(training) == _yaml_budgets()
+    assert generate.role_budgets() == dict(training) == _yaml_budgets()
     assert _yaml_budgets()["respond"] != 128  # reason: the old hard-coded eval budget cut the responder short
 
 
 def test_consistency_uses_the_respond_and_judge_budgets_of_a_changed_yaml(spy_generation, monkeypatch, tiny_model,
                                                                             meld_test, tmp_path):
-    text = eval_generate.TRAINER_YAML.read_text()
+    text = generate.TRAINER_YAML.read_text()
     assert "      respond: 160\n" in text and "      judge: 64\n" in text  # reason: the copy below edits these
     copy = tmp_path / "selfemo_trainer.yaml"
     copy.write_text(text.replace("      respond: 160\n", "      respond: 177\n").replace("      judge: 64\n",
                                                                                           "      judge: 33\n"))
-    monkeypatch.setattr(eval_generate, "TRAINER_YAML", copy)
+    monkeypatch.setattr(generate, "TRAINER_YAML", copy)
     out = tmp_path / "con"
     assert main(["consistency", "--model", str(tiny_model), "--data", str(meld_test), "--out", str(out),
                  "--limit", "3", "--backend", "hf"]) == 0
@@ -428,16 +423,16 @@ def test_a_bad_selection_file_exits_2_and_model_and_selection_exclude_each_other
 
 def test_consistency_judge_is_blind_and_matches_by_smoothed_iou(meld_test):
     ScriptedGenerate = load_fakes().ScriptedGenerate
-    prefixes = eval_generate._prefixes(pd.read_parquet(meld_test).head(40), 12)[:3]
+    prefixes = generate._prefixes(pd.read_parquet(meld_test).head(40), 12)[:3]
     responses = ["<emotion>joy</emotion><reply>Great news!</reply>",  # judged joy -> match
                  "<emotion>anger</emotion><reply>Leave me alone.</reply>",  # judged sadness -> no match
                  "<emotion>fear</emotion> no reply tags"]  # reply fails -> not judged, counted as non-match
     judge = ScriptedGenerate(["<emotion>joy</emotion>", "<emotion>sadness</emotion>"])
-    turns = eval_generate._judge_turns(judge, prefixes, responses)
+    turns = generate._judge_turns(judge, prefixes, responses)
     assert len(judge.calls) == 1 and len(judge.calls[0]) == 2  # only the two parsable replies are judged
     shown = judge.calls[0][0][-1]["content"]
     assert "Great news!" in shown and "<emotion>joy" not in shown  # the stated emotion is hidden
-    s = eval_generate.consistency_summary(turns, 1.0, "meld")
+    s = generate.consistency_summary(turns, 1.0, "meld")
     assert (s["n"], s["matched"], s["rate"], s["n_valid"], s["rate_valid"]) == (3, 1, 1 / 3, 2, 0.5)
     assert s["parse_failures"] == {"stated": 0, "reply": 1, "judged": 1}
     assert s["by_emotion"]["fear"] == {"n": 1, "matched": 0, "rate": 0.0}
@@ -446,7 +441,7 @@ def test_consistency_judge_is_blind_and_matches_by_smoothed_iou(meld_test):
 
 def test_prefixes_skip_rows_without_a_next_speaker(meld_test):
     frame = pd.read_parquet(meld_test)
-    kept = eval_generate._prefixes(frame, 12)
+    kept = generate._prefixes(frame, 12)
     assert len(kept) == sum(bool(e["next_speaker"]) for e in frame["extra_info"]) < len(frame)
     assert all(p["window"] and p["next_speaker"] for p in kept)
 
@@ -456,15 +451,15 @@ def test_eval_prompts_show_the_training_window_to_every_role(meld_test):
     frame = pd.read_parquet(meld_test).head(60)
     long_rows = [i for i, e in enumerate(frame["extra_info"]) if len(e["window"]) > 3 and e["next_speaker"]]
     assert long_rows, "the test needs rows with more than 3 turns of context"
-    window = eval_generate.agent_window(overrides=["selfemo.agent.window=3", "trainer.save_freq=5"])
-    assert window == 3 and eval_generate.agent_window() == 12  # reason: the YAML default
-    chats = eval_generate.recognize_chats(frame, window)
+    window = generate.agent_window(overrides=["selfemo.agent.window=3", "trainer.save_freq=5"])
+    assert window == 3 and generate.agent_window() == 12  # reason: the YAML default
+    chats = generate.recognize_chats(frame, window)
     for i in long_rows:
         turns = list(frame["extra_info"][i]["window"])[-3:]
         dialogue = "\n".join(f"{t['speaker']}: {t['text']}" for t in turns)
         user = chats[i][-1]["content"]
         assert f"Dialogue:\n{dialogue}\n\n" in user  # reason: exactly the last 3 turns, nothing before them
-    prefixes = eval_generate._prefixes(frame, window)
+    prefixes = generate._prefixes(frame, window)
     assert all(len(p["window"]) <= 3 for p in prefixes) and any(len(p["window"]) == 3 for p in prefixes)
 
 
@@ -488,7 +483,7 @@ def test_docstring_examples_hold(module):
 
 
 def test_majority_baseline_is_the_most_frequent_gold_of_the_scored_rows():
-    from selfemo_verl.evaluate import majority_baseline
+    from selfemo_verl.eval.metrics import majority_baseline
 
     golds = ["neutral", "joy", "neutral", "anger"]
     m = majority_baseline(golds, ["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"])

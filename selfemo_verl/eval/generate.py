@@ -1,4 +1,4 @@
-"""Model-driven evaluation for `python -m selfemo_verl.evaluate generate|consistency` (docs/method.md §9).
+"""Model-driven evaluation for `python -m selfemo_verl.eval generate|consistency` (docs/method.md §9).
 
 No verl, no ray. Generation is greedy and uses the training prompts: the parquet's `prompt` column (the
 recognize step) or `prompts.respond_messages` / `prompts.judge_messages`, rendered with the tokenizer's
@@ -34,14 +34,16 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from selfemo_verl.evaluate import InputError, atomic_write, native, score
+from selfemo_verl.eval.inputs import InputError, load_rows, native, read_selection
+from selfemo_verl.eval.report import score
+from selfemo_verl.files import atomic_write
 from selfemo_verl.labels import check_label_space, parse_emotions
 from selfemo_verl.prompts import judge_messages, parse_reply, recognize_messages, respond_messages
 from selfemo_verl.rewards import smoothed_iou
 from selfemo_verl.selfplay import recent_turns
 
 ROLES = ("recognize", "respond", "judge")
-TRAINER_YAML = Path(__file__).with_name("config") / "selfemo_trainer.yaml"
+TRAINER_YAML = Path(__file__).parent.parent / "config" / "selfemo_trainer.yaml"
 BUDGET_KEY = "selfemo.agent.max_tokens"  # the key training's agent loop reads (selfemo_verl.agent_loop)
 WINDOW_KEY = "selfemo.agent.window"  # dialogue turns every role sees, as in training
 _EVAL_KEYS = (BUDGET_KEY, WINDOW_KEY)
@@ -130,19 +132,6 @@ def recognize_chats(rows, window: int) -> list:
     return chats
 
 
-def load_rows(path, limit=None):
-    """The parquet as a DataFrame (first `limit` rows); InputError if missing or without the needed columns."""
-    import pandas as pd
-
-    if not Path(path).is_file():
-        raise InputError(f"{path}: no such file")
-    frame = pd.read_parquet(path)
-    missing = {"prompt", "extra_info"} - set(frame.columns)
-    if missing:
-        raise InputError(f"{path}: missing columns {sorted(missing)}")
-    return frame if limit is None else frame.head(limit)
-
-
 def _messages(chat) -> list[dict]:
     return [{"role": str(m["role"]), "content": str(m["content"])} for m in chat]
 
@@ -216,7 +205,7 @@ class Generator:
 
 
 def add_model_arguments(parser, command: str) -> None:
-    """The flags of `evaluate generate` / `evaluate consistency`."""
+    """The flags of `python -m selfemo_verl.eval generate` / `... consistency`."""
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help="HF model directory")
     which.add_argument("--selection", help="evaluate the checkpoint chosen in this model_select JSON")
@@ -236,20 +225,6 @@ def add_model_arguments(parser, command: str) -> None:
         parser.add_argument("--tau", type=float, default=1.0, help="match if smoothed_iou(judged, stated) >= tau")
 
 
-def read_selection(path) -> dict:
-    """`chosen` of a `model_select select` JSON: round, step, path, val_weighted_f1; InputError if bad."""
-    keys = ("round", "step", "path", "val_weighted_f1")
-    if not Path(path).is_file():
-        raise InputError(f"{path}: no such file")
-    try:
-        chosen = json.loads(Path(path).read_text(encoding="utf-8")).get("chosen")
-    except (json.JSONDecodeError, AttributeError):
-        chosen = None
-    if not isinstance(chosen, dict) or any(k not in chosen for k in keys):
-        raise InputError(f"{path}: expected a model_select JSON with chosen.{{{', '.join(keys)}}}")
-    return {k: chosen[k] for k in keys}
-
-
 def _model(args) -> tuple[str, dict | None]:
     """(model dir, the chosen checkpoint or None) from --model or --selection."""
     if args.selection is None:
@@ -265,7 +240,7 @@ def _generator(args, model: str, roles) -> tuple[Generator, dict]:
 
 
 def run_generate(args) -> dict:
-    """Write OUT/predictions.jsonl ({"index", "output"} per row), then score it (`evaluate.score`)."""
+    """Write OUT/predictions.jsonl ({"index", "output"} per row), then score it (`report.score`)."""
     model, checkpoint = _model(args)
     generate, budgets = _generator(args, model, ["recognize"])
     rows = load_rows(args.data, args.limit)
