@@ -43,7 +43,7 @@ SERVER_MODES = ("sequential", "batched_no_prefix", "batched")
 
 def meld_windows(raw_dir: str, prompts: int, window: int, seed: int = 0) -> list[tuple[list, str]]:
     """(window, next speaker) of `prompts` MELD train rows that have a next turn (a fixed, seeded draw)."""
-    from selfemo_verl.erc_data import build_rows, read_split
+    from selfemo_verl.data.erc_data import build_rows, read_split
 
     rows = [r for r in build_rows(read_split(SPACE, raw_dir, "train"), SPACE, "train", window)
             if r["extra_info"]["next_speaker"]]

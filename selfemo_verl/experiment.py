@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from selfemo_verl.data.parquet import write_parquet
 from selfemo_verl.demo_report import read_metrics
 from selfemo_verl.eval.metrics import mean_sd
 from selfemo_verl.files import atomic_write
@@ -47,12 +48,6 @@ class ExperimentError(ValueError):
     """A bad input file or folder: printed as one line, exit status 2."""
 
 
-def _write_parquet(table: pa.Table, path: Path) -> None:
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
-    atomic_write(path, buffer.getvalue())
-
-
 def prepare(data_dir, out_dir, n_dev: int, seed: int = 0) -> dict:
     """OUT/<arm>/train.parquet (the train split with the arm's agent loop) and OUT/val.parquet (n_dev val rows
     drawn once with `seed`, in their original order); returns {name: rows}."""
@@ -64,11 +59,11 @@ def prepare(data_dir, out_dir, n_dev: int, seed: int = 0) -> dict:
     if not 0 < n_dev <= val.num_rows:
         raise ExperimentError(f"{data_dir / 'val.parquet'}: --n-dev {n_dev} not in 1..{val.num_rows}")
     rows = np.sort(np.random.default_rng(seed).choice(val.num_rows, size=n_dev, replace=False))
-    _write_parquet(val.take(pa.array(rows)), out_dir / "val.parquet")
+    write_parquet(out_dir / "val.parquet", val.take(pa.array(rows)))
     column = train.schema.get_field_index("agent_name")
     for arm, agent in AGENTS.items():
-        _write_parquet(train.set_column(column, "agent_name", pa.array([agent] * train.num_rows)),
-                       out_dir / arm / "train.parquet")
+        write_parquet(out_dir / arm / "train.parquet",
+                      train.set_column(column, "agent_name", pa.array([agent] * train.num_rows)))
     return {"val": n_dev, **{arm: train.num_rows for arm in AGENTS}}
 
 

@@ -8,7 +8,7 @@ Core module (no verl, no ray). The recipes call the CLI:
 - `data`: round 0's DATA_DIR/{train,val,test}.parquet, written once by data_prep/prepare_erc.py from RAW_DIR
   when set, else from `--offline-dir` when that folder exists (our development machines, offline), else from the
   official CSVs downloaded into DATA_DIR/raw (MELD, EmoryNLP: a pinned commit, sha256-checked by
-  `selfemo_verl.erc_download`). IEMOCAP cannot be downloaded: without RAW_DIR it stops, exit 2.
+  `selfemo_verl.data.erc_download`). IEMOCAP cannot be downloaded: without RAW_DIR it stops, exit 2.
 - `export`: round r+1 starts from the HF export of round r's last checkpoint. config.json alone is not enough
   (FSDP writes it even when no weights were saved): the weight files must be there and hold the parameters.
 A refusal prints `round_inputs: error: <path or variable>: <reason>` on stderr and exits 2.

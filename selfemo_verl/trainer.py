@@ -55,7 +55,7 @@ from verl.trainer.main_ppo import TaskRunnerV1
 from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
-from selfemo_verl.episodes import records_from_columns, write_step
+from selfemo_verl.data.episode_dump import records_from_columns, write_step
 from selfemo_verl.estimator import ConsistencyFeed, consistency_feed
 from selfemo_verl.eval.metrics import metrics_by_source
 from selfemo_verl.labels import LABEL_SPACES

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from selfemo_verl.cpu.faults import SHARE_ENV
 from selfemo_verl.cpu.watch import run_watched
-from selfemo_verl.episodes import read_dumps
+from selfemo_verl.data.episode_dump import read_dumps
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 2
@@ -90,7 +90,7 @@ class SelfEmoRun:
     report: object
     steps: list  # metrics.jsonl: one {"step", "data"} per step
     syncs: list  # weight_sync.jsonl: one record per weight sync
-    episodes: dict  # step -> the step's dumped episodes (selfemo_verl.episodes.EpisodeRecord)
+    episodes: dict  # step -> the step's dumped episodes (selfemo_verl.data.episode_dump.EpisodeRecord)
 
 
 def _selfemo_run(out_dir: Path, data_dir: Path, extra_env: dict) -> SelfEmoRun:

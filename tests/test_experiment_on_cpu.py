@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from selfemo_verl import experiment
-from selfemo_verl.erc_data import PARQUET_SCHEMA
+from selfemo_verl.data.parquet import PARQUET_SCHEMA
 
 REPO = Path(__file__).resolve().parents[1]
 

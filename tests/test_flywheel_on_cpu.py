@@ -1,4 +1,4 @@
-"""selfemo_verl.flywheel and data_prep/flywheel.py: round r's dumps + D_r -> D_{r+1} (docs/method.md §7).
+"""selfemo_verl.data.flywheel and data_prep/flywheel.py: round r's dumps + D_r -> D_{r+1} (docs/method.md §7).
 
 Property tests run `build_next_round` on a small base built with erc_data (the real row schema) and random
 episode records, against expectations written out here from the module docstring's rules (loop references and
@@ -25,11 +25,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from selfemo_verl import flywheel
 from selfemo_verl import files as atomic_files
-from selfemo_verl.episodes import EpisodeRecord, write_step
-from selfemo_verl.erc_data import PARQUET_SCHEMA, Dialogue, Turn, build_rows
-from selfemo_verl.flywheel import FlywheelConfig, build_next_round, synthetic_check, synthetic_row
+from selfemo_verl.data import flywheel
+from selfemo_verl.data.episode_dump import EpisodeRecord, write_step
+from selfemo_verl.data.erc_data import Dialogue, Turn, build_rows
+from selfemo_verl.data.flywheel import FlywheelConfig, build_next_round, synthetic_check, synthetic_row
+from selfemo_verl.data.parquet import PARQUET_SCHEMA
 from selfemo_verl.labels import LABEL_SPACES
 from selfemo_verl.prompts import format_dialogue, recognize_messages
 from selfemo_verl.rewards import smoothed_iou

@@ -32,7 +32,7 @@ import pytest
 from selfemo_verl import ray_env
 from selfemo_verl.cpu.launch import cpu_env, cpu_overrides
 from selfemo_verl.cpu.watch import alive, run_watched
-from selfemo_verl.episodes import read_dumps
+from selfemo_verl.data.episode_dump import read_dumps
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 2

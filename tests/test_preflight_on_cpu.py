@@ -277,8 +277,8 @@ def test_data_source_prefers_raw_dir_then_the_offline_copy_then_a_download(tmp_p
 @pytest.fixture
 def mirror(data_dir, tmp_path) -> str:
     """A file:// folder laid out like declare-lab/MELD at the pinned commit (MELD and EmoryNLP CSVs)."""
-    from selfemo_verl.erc_data import RAW_FILES
-    from selfemo_verl.erc_download import REPO_DIRS
+    from selfemo_verl.data.erc_data import RAW_FILES
+    from selfemo_verl.data.erc_download import REPO_DIRS
 
     for dataset, sub in REPO_DIRS.items():
         (tmp_path / "mirror" / sub).mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""data_prep/prepare_erc.py and selfemo_verl.erc_data / erc_download: raw ERC data -> verl parquet (docs/method.md §13).
+"""data_prep/prepare_erc.py + selfemo_verl.data.erc_data, erc_download: raw ERC -> parquet (docs/method.md §13).
 
 The three datasets are prepared once per session (about 2 s in all); bad-input cases run on small copies.
 """
@@ -15,9 +15,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from selfemo_verl import erc_data
-from selfemo_verl.erc_data import RAW_FILES, SPLITS
-from selfemo_verl.erc_download import REPO_DIRS, download
+from selfemo_verl.data import erc_data
+from selfemo_verl.data import parquet as dataset_parquet
+from selfemo_verl.data.erc_data import RAW_FILES, SPLITS
+from selfemo_verl.data.erc_download import REPO_DIRS, download
 from selfemo_verl.labels import LABEL_SPACES
 from selfemo_verl.prompts import recognize_messages
 
@@ -116,7 +117,7 @@ def test_built_rows_have_exactly_the_parquet_schema_keys():
     # reason: pyarrow drops dict keys missing from the schema, so check the builder's dicts, not the file
     dialogue = erc_data.Dialogue("d", (erc_data.Turn("A", "Hi.", "joy"), erc_data.Turn("B", "Bye.", "fear")))
     rows = erc_data.build_rows([dialogue], "meld", "val", window=1)
-    schema = erc_data.PARQUET_SCHEMA
+    schema = dataset_parquet.PARQUET_SCHEMA
     for row in rows:
         assert list(row) == schema.names
         assert list(row["extra_info"]) == schema.field("extra_info").type.names
@@ -256,7 +257,7 @@ def test_bad_iemocap_dialogue_exits_2_naming_file_and_dialogue(record, expected,
 
 def test_write_failure_on_a_later_split_leaves_no_parquet(mini_meld, tmp_path, capsys, monkeypatch):
     calls = []
-    real = erc_data.pq.write_table
+    real = dataset_parquet.pq.write_table
 
     def failing_write(table, where, **kw):
         calls.append(where)
@@ -264,10 +265,10 @@ def test_write_failure_on_a_later_split_leaves_no_parquet(mini_meld, tmp_path, c
             raise OSError("disk full")
         real(table, where, **kw)
 
-    monkeypatch.setattr(erc_data.pq, "write_table", failing_write)
+    monkeypatch.setattr(dataset_parquet.pq, "write_table", failing_write)
     rc = _run("meld", mini_meld, tmp_path / "out")
     _assert_failed_cleanly(rc, capsys, tmp_path / "out", "cannot write parquet (disk full)")
-    assert len(calls) == 2  # reason: train was written to a temp file, then removed
+    assert len(calls) == 2  # reason: train was encoded, val failed before any file was written
 
 
 def test_cli_process_exits_2_with_one_stderr_line(tmp_path):

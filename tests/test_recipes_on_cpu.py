@@ -239,7 +239,7 @@ import json, os, sys
 from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
-from selfemo_verl.episodes import write_step
+from selfemo_verl.data.episode_dump import write_step
 from selfemo_verl.preflight import estimate_params
 args = dict(a.split("=", 1) for a in sys.argv[3:])
 ckpt, r = Path(args["trainer.default_local_dir"]), int(args["trainer.experiment_name"].rsplit("_r", 1)[1])
@@ -283,7 +283,7 @@ def _fake_run(tmp_path: Path, script: str, args=(), repo: Path = REPO, base_parq
               **env) -> tuple[subprocess.CompletedProcess, Path]:
     """Run the recipe for real with the stand-in python, on a 4-row MELD-schema base parquet (unless `base_parquet`
     is False: then the recipe prepares DATA_DIR itself)."""
-    from selfemo_verl.erc_data import Dialogue, Turn, build_rows, write_splits
+    from selfemo_verl.data.erc_data import Dialogue, Turn, build_rows, write_splits
 
     fake = tmp_path / "python"
     fake.write_text(FAKE_PYTHON)
@@ -402,8 +402,8 @@ def test_round_loop_stops_with_exit_2_when_a_round_leaves_no_hf_weights(tmp_path
 @pytest.fixture
 def meld_mirror(data_dir, tmp_path) -> str:
     """A file:// folder laid out like declare-lab/MELD at the pinned commit, holding the official MELD CSVs."""
-    from selfemo_verl.erc_data import RAW_FILES
-    from selfemo_verl.erc_download import REPO_DIRS
+    from selfemo_verl.data.erc_data import RAW_FILES
+    from selfemo_verl.data.erc_download import REPO_DIRS
 
     folder = tmp_path / "mirror" / REPO_DIRS["meld"]
     folder.mkdir(parents=True)
@@ -421,7 +421,7 @@ def _fresh_checkout(tmp_path: Path) -> Path:
 
 
 def test_on_a_fresh_cluster_the_recipe_downloads_meld_into_the_data_dir_and_trains_on_it(tmp_path, meld_mirror):
-    from selfemo_verl.erc_data import RAW_FILES
+    from selfemo_verl.data.erc_data import RAW_FILES
 
     result, calls = _fake_run(tmp_path, "run_qwen3_8b.sh", repo=_fresh_checkout(tmp_path), base_parquet=False,
                               ROUNDS="1", RAW_DIR=None, DATA_URL=meld_mirror, VAL_F1=json.dumps(VAL_F1[:1]),

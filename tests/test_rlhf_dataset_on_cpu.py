@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 from verl.utils.dataset.rl_dataset import RLHFDataset, collate_fn
 
 from selfemo_verl.cpu.assets import tiny_model_dir
-from selfemo_verl.erc_data import SPLITS
+from selfemo_verl.data.erc_data import SPLITS
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED_ROWS = {"train": 7551, "val": 954, "test": 984}  # EmoryNLP, the smallest of the three

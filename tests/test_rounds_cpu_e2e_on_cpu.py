@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from selfemo_verl.cpu.assets import tiny_model_dir
 from selfemo_verl.cpu.watch import run_watched
-from selfemo_verl.episodes import read_dumps
+from selfemo_verl.data.episode_dump import read_dumps
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 2

@@ -285,7 +285,7 @@ def test_contract_val_metrics_update_signature():
 def test_episode_dump_writes_every_real_episode_of_the_step(config, stored_batch, tmp_path):
     from omegaconf import OmegaConf
 
-    from selfemo_verl.episodes import read_dumps
+    from selfemo_verl.data.episode_dump import read_dumps
 
     fake, batch = stored_batch
     cfg = OmegaConf.merge(config, {"selfemo": {"dump": {"enable": True, "dir": str(tmp_path)}}})

@@ -93,7 +93,7 @@ def report(run_dirs) -> tuple[str, dict]:
 
 
 def _checkpoint_lines(runs) -> list[str]:
-    """Name the checkpoint each run evaluated when it was chosen on val (`python -m selfemo_verl.eval generate --selection`)."""
+    """Name the checkpoint each run evaluated when it was chosen on val (`eval generate --selection`)."""
     chosen = [f"- {r['run']}: round {c['round']}, global step {c['step']}, val weighted-F1 "
               f"{_pct(c['val_weighted_f1'])} %, {c['path']}" for r in runs if (c := r.get("checkpoint"))]
     return ["", "Model selection on val (best val weighted-F1 over all rounds):", *chosen] if chosen else []

@@ -1,9 +1,9 @@
 """Raw ERC datasets -> one verl parquet row per target utterance (docs/method.md §13).
 
 Core module: no verl, no ray. Three readers turn the raw files of MELD, EmoryNLP and IEMOCAP into a common
-list of `Dialogue`s per split; `build_rows` turns dialogues into rows; `write_splits` writes the three
-parquet files atomically and byte-deterministically. Any problem with a user's file raises `ErcDataError`
-with a one-line message naming the file (and line or dialogue where known).
+list of `Dialogue`s per split; `build_rows` turns dialogues into rows (`data.parquet.PARQUET_SCHEMA`);
+`write_splits` writes the three parquet files atomically and byte-deterministically. Any problem with a user's
+file raises `ErcDataError` with a one-line message naming the file (and line or dialogue where known).
 
 Sources (where they come from and their licences: docs/method.md §13.2):
 - MELD: the official `{train,dev,test}_sent_emo.csv` (UTF-8; the pickle/JSON copies are mis-decoded).
@@ -33,8 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from selfemo_verl.data.parquet import PARQUET_SCHEMA, parquet_bytes
+from selfemo_verl.files import atomic_write_all
 from selfemo_verl.labels import LABEL_SPACES
 from selfemo_verl.prompts import recognize_messages
 
@@ -55,21 +56,6 @@ _MELD_COLUMNS = ("Utterance", "Speaker", "Emotion", "Dialogue_ID", "Utterance_ID
 _EMORY_COLUMNS = ("Utterance", "Speaker", "Emotion", "Scene_ID", "Utterance_ID", "Season", "Episode")
 # cp1252 text decoded as latin-1 (C1 controls such as \x92) or UTF-8 decoded as cp1252 ("â€™", "Ã©").
 _MOJIBAKE = re.compile("[\x80-\x9f]|â€|Ã[\x80-\xbf]")
-
-_TURN = pa.struct([("speaker", pa.string()), ("text", pa.string())])
-PARQUET_SCHEMA = pa.schema([
-    ("data_source", pa.string()),
-    ("prompt", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
-    ("ability", pa.string()),
-    ("reward_model", pa.struct([("style", pa.string()), ("ground_truth", pa.list_(pa.string()))])),
-    ("extra_info", pa.struct([
-        ("split", pa.string()), ("index", pa.int64()), ("dialogue_id", pa.string()), ("turn", pa.int64()),
-        ("speaker", pa.string()), ("next_speaker", pa.string()), ("next_gold", pa.list_(pa.string())),
-        ("label_space", pa.string()), ("origin", pa.string()), ("round", pa.int64()),
-        ("window", pa.list_(_TURN)),
-    ])),
-    ("agent_name", pa.string()),
-])
 
 
 class ErcDataError(ValueError):
@@ -319,25 +305,15 @@ def stats_table(rows_by_split: dict[str, list[dict]], dataset: str) -> str:
 
 
 def write_splits(rows_by_split: dict[str, list[dict]], out_dir: str | os.PathLike) -> list[Path]:
-    """Write OUT/<split>.parquet for every split, all or nothing (temp files, renamed at the end).
-
-    Deterministic bytes: fixed schema (no pandas metadata), fixed compression, one row group, no
-    timestamps (parquet stores none; `created_by` names only the pyarrow version).
+    """Write OUT/<split>.parquet for every split, all or nothing: every split is encoded (`parquet.parquet_bytes`,
+    deterministic bytes, `PARQUET_SCHEMA`) before the first file is written, and the files are renamed into place
+    only after all of them are written (`files.atomic_write_all`).
     """
     out = Path(out_dir)
-    temps: dict[Path, Path] = {}
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        for split, rows in rows_by_split.items():
-            final = out / f"{split}.parquet"
-            temps[final] = out / f".{split}.parquet.tmp-{os.getpid()}"
-            table = pa.Table.from_pylist(rows, schema=PARQUET_SCHEMA)
-            pq.write_table(table, temps[final], compression="zstd", compression_level=3, row_group_size=1 << 30)
-        for final, temp in temps.items():
-            os.replace(temp, final)
+        files = {out / f"{split}.parquet": parquet_bytes(pa.Table.from_pylist(rows, schema=PARQUET_SCHEMA))
+                 for split, rows in rows_by_split.items()}
+        atomic_write_all(files)
     except OSError as err:
         raise ErcDataError(f"{out}: cannot write parquet ({err})") from None
-    finally:
-        for temp in temps.values():
-            temp.unlink(missing_ok=True)
-    return list(temps)
+    return list(files)

@@ -1,7 +1,7 @@
 """Episode dumps: one JSONL file per training step, written atomically, read back with corrupt lines counted.
 
 Core module: no verl, no ray. The trainer (adapter) calls `write_step` once per step; the flywheel
-(`selfemo_verl.flywheel`, docs/method.md §7) calls `read_dumps` on the round's dump directory.
+(`selfemo_verl.data.flywheel`, docs/method.md §7) calls `read_dumps` on the round's dump directory.
 
 Format (agreed with the lead; docs/method.md §7.1): `DIR/step_{step:06d}.jsonl`, one line per episode, keys sorted:
 

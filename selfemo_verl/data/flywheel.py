@@ -1,8 +1,12 @@
 """Data flywheel (docs/method.md §7): round r's episode dumps + the parquet D_r it trained on -> D_{r+1}.
 
-Core module: no verl, no ray; `data_prep/flywheel.py` is the CLI (reads the dumps, writes the files). `round` is
-the index of the dataset being built (D_1 comes from the dumps of round 0, which trained on D_0 = prepare_erc's
-train.parquet).
+    python -m selfemo_verl.data.flywheel --dumps R0/dumps --base D0.parquet --out R1/train.parquet --round 1 \\
+        [--tau-con 1.0 --min-agreement 0.5 --hard-range 0.2 0.8 --max-synthetic-share 0.5 --seed 0]
+
+Core module: no verl, no ray. The CLI (also `data_prep/flywheel.py`) reads D_r (`data.parquet.read_base`) and the
+dumps, writes D_{r+1} and OUT.summary.json (counts by reason, also printed) atomically, the same bytes for the same
+inputs; a bad input is one line on stderr naming the file (and row), exit 2; corrupt dump lines are counted.
+`round` is the index of the dataset being built (D_1 comes from round 0's dumps; round 0 trained on D_0).
 Assumption (whole module): the paper describes the flywheel only in words ("keeps the good ones by smoothed
 IoU"); every rule below is this project's, stated precisely so that runs can be reproduced.
 
@@ -37,25 +41,26 @@ Rules 1 and 2 skip episodes of an unknown index or another data_source and those
 
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
+import json
 import math
+import sys
 import unicodedata
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from selfemo_verl.data.episode_dump import read_dumps
+from selfemo_verl.data.parquet import ORIGINS, read_base, write_parquet
+from selfemo_verl.files import atomic_write
 from selfemo_verl.labels import LABEL_SPACES
 from selfemo_verl.prompts import format_dialogue, recognize_messages
 from selfemo_verl.rewards import as_label_set, is_ok, smoothed_iou
 
-REQUIRED_COLUMNS = ("data_source", "prompt", "ability", "reward_model", "extra_info", "agent_name")
-REQUIRED_EXTRA = ("split", "index", "dialogue_id", "turn", "speaker", "next_speaker", "next_gold",
-                  "label_space", "origin", "round", "window")
-ORIGINS = ("real", "synthetic")
 SELF_PLAY_AGENT = "selfemo_self_play"
 
 
@@ -65,7 +70,7 @@ class FlywheelError(ValueError):
 
 @dataclass(frozen=True)
 class FlywheelConfig:
-    """Flywheel knobs (CLI flags of data_prep/flywheel.py); `check()` raises FlywheelError on a bad value."""
+    """Flywheel knobs (the CLI's flags); `check()` raises FlywheelError on a bad value."""
 
     round: int
     tau_con: float = 1.0
@@ -305,7 +310,7 @@ def renumber(entries: list) -> list[dict]:
 def build_next_round(base_rows: list[dict], records, cfg: FlywheelConfig) -> tuple[list[dict], dict]:
     """D_{r+1} rows and the summary counts from D_r's rows (validated) and round r's episode records.
 
-    >>> from selfemo_verl.episodes import EpisodeRecord
+    >>> from selfemo_verl.data.episode_dump import EpisodeRecord
     >>> win = [{"speaker": "A", "text": "Hi."}]
     >>> info = {"split": "train", "index": 0, "dialogue_id": "d", "turn": 0, "speaker": "A", "next_speaker": "B",
     ...         "next_gold": ["joy"], "label_space": "meld", "origin": "real", "round": 0, "window": win}
@@ -341,52 +346,55 @@ def _summary(cfg, base_rows, records, rows, rec_counts, base_counts, syn_counts)
     }
 
 
-def _check_schema(schema, path) -> None:
-    """Base parquet columns and extra_info keys (docs/method.md §13); raise FlywheelError naming what is missing."""
-    missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
-    if missing:
-        raise FlywheelError(f"{path}: base parquet lacks column(s) {missing}; found {schema.names}")
-    extra = schema.field("extra_info").type
-    names = [extra.field(i).name for i in range(extra.num_fields)] if pa.types.is_struct(extra) else []
-    lacking = [k for k in REQUIRED_EXTRA if k not in names]
-    if lacking:
-        raise FlywheelError(f"{path}: base parquet extra_info lacks key(s) {lacking}; found {names}")
-
-
-def _row_problem(row: dict, seen_index: set) -> str | None:
-    """What is wrong with one base row, or None."""
-    info = row["extra_info"] or {}
-    space, index, window = info.get("label_space"), info.get("index"), info.get("window")
-    gold = (row["reward_model"] or {}).get("ground_truth")
-    if space not in LABEL_SPACES:
-        return f"unknown label_space {space!r}; expected one of {sorted(LABEL_SPACES)}"
-    if not isinstance(index, int) or index in seen_index:
-        return f"extra_info.index {index!r} is missing or not unique"
-    if not isinstance(gold, list) or not gold or not set(gold) <= set(LABEL_SPACES[space]):
-        return f"ground_truth {gold!r} is not a non-empty list of {space} labels {list(LABEL_SPACES[space])}"
-    if not isinstance(window, list) or not window or not all(isinstance(t, dict) and "speaker" in t for t in window):
-        return "extra_info.window is not a non-empty list of {speaker, text} turns"
-    if info.get("origin") not in ORIGINS or not isinstance(info.get("turn"), int):
-        return f"extra_info.origin {info.get('origin')!r} not in {ORIGINS} or turn not an int"
-    return None
-
-
-def read_base(path) -> tuple[list[dict], pa.Schema]:
-    """Rows and schema (metadata dropped) of the round's training parquet, validated row by row."""
-    path = Path(path)
-    if not path.is_file():
-        raise FlywheelError(f"{path}: base parquet not found")
+def run(dumps, base, out, cfg: FlywheelConfig) -> dict:
+    """Read D_r and round r's dumps, build D_{r+1}, write OUT and OUT.summary.json atomically; return the summary."""
+    cfg.check()
     try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as err:
-        raise FlywheelError(f"{path}: not a readable parquet file ({' '.join(str(err).split())})") from None
-    _check_schema(table.schema, path)
-    rows, seen = table.to_pylist(), set()
-    if not rows:
-        raise FlywheelError(f"{path}: base parquet has no rows")
-    for i, row in enumerate(rows):
-        problem = _row_problem(row, seen)
-        if problem:
-            raise FlywheelError(f"{path}: row {i}: {problem}")
-        seen.add(row["extra_info"]["index"])
-    return rows, table.schema.remove_metadata()
+        base_rows, schema = read_base(base)
+        records, n_corrupt = read_dumps(dumps)
+    except ValueError as err:  # a BaseParquetError, or read_dumps' missing dump directory
+        raise FlywheelError(str(err)) from None
+    rows, summary = build_next_round(base_rows, records, cfg)
+    summary["inputs"] = {"base": str(base), "dumps": str(dumps), "corrupt_lines": n_corrupt, **summary["inputs"]}
+    write_parquet(out, pa.Table.from_pylist(rows, schema=schema))
+    atomic_write(Path(f"{out}.summary.json"), json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return summary
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dumps", required=True, help="episode dump directory of round r (step_*.jsonl)")
+    parser.add_argument("--base", required=True, help="the parquet round r trained on (D_r)")
+    parser.add_argument("--out", required=True, help="output parquet D_{r+1}")
+    parser.add_argument("--round", type=int, required=True, help="index r+1 of the dataset being built (>= 1)")
+    parser.add_argument("--tau-con", type=float, default=FlywheelConfig.tau_con, help="min sIoU(judged, stated)")
+    parser.add_argument("--min-agreement", type=float, default=FlywheelConfig.min_agreement, help="min judge_agreement")
+    parser.add_argument("--hard-range", type=float, nargs=2, default=list(FlywheelConfig.hard_range),
+                        metavar=("LO", "HI"), help="mean beta=0 recognition score range of hard rows (inclusive)")
+    parser.add_argument("--max-synthetic-share", type=float, default=FlywheelConfig.max_synthetic_share)
+    parser.add_argument("--hard-copies", type=int, default=FlywheelConfig.hard_copies, help="copies of a hard row")
+    parser.add_argument("--easy-keep-prob", type=float, default=FlywheelConfig.easy_keep_prob,
+                        help="keep probability of an easy or hopeless row")
+    parser.add_argument("--eps", type=float, default=FlywheelConfig.eps,
+                        help="sIoU smoothing of the consistency test and the difficulty score")
+    parser.add_argument("--seed", type=int, default=FlywheelConfig.seed)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    knobs = {f.name: getattr(args, f.name) for f in fields(FlywheelConfig)}  # every flag is named after its field
+    try:
+        cfg = FlywheelConfig(**{**knobs, "hard_range": tuple(args.hard_range)})
+        summary = run(args.dumps, args.base, args.out, cfg)
+    except FlywheelError as err:
+        print(f"flywheel: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    if summary["output"]["rows"] == 0:
+        print(f"flywheel: warning: {args.out} has no rows", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

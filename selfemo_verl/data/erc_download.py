@@ -1,7 +1,7 @@
 """Fetch the official MELD and EmoryNLP CSVs, verified by sha256 (docs/method.md §13.2).
 
 Core module: no verl. Both datasets come from declare-lab/MELD at a pinned commit; each file is checked
-against the sha256 pinned in `SHA256` below and written atomically (temp file + rename), so a bad download
+against the sha256 pinned in `SHA256` below and written atomically (`files.atomic_write`), so a bad download
 never leaves a file behind. IEMOCAP is never downloaded: USC licenses it for research and forbids
 redistribution.
 """
@@ -14,7 +14,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from selfemo_verl.erc_data import RAW_FILES, ErcDataError
+from selfemo_verl.data.erc_data import RAW_FILES, ErcDataError
+from selfemo_verl.files import atomic_write
 
 MELD_COMMIT = "2d2011b409d3ca2d7e94460cd007d434b1d0a102"
 DEFAULT_BASE_URL = f"https://raw.githubusercontent.com/declare-lab/MELD/{MELD_COMMIT}"
@@ -38,21 +39,31 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def raw_url(base_url: str, dataset: str, name: str) -> str:
+    """Where a raw file lies under `base_url` (the declare-lab/MELD tree, or a mirror with its layout).
+
+    >>> raw_url("file:///mirror/", "emorynlp", "emorynlp_dev_final.csv")
+    'file:///mirror/data/emorynlp/emorynlp_dev_final.csv'
+    """
+    return f"{base_url.rstrip('/')}/{REPO_DIRS[dataset]}/{name}"
+
+
 def _fetch(url: str, target: Path, expected: str) -> None:
-    """Download `url` to `target` atomically; raise ErcDataError on failure or sha256 mismatch."""
-    temp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    """Download `url`; write it to `target` atomically (`files.atomic_write`) only if its sha256 is `expected`.
+
+    Raises ErcDataError on a failed download, a mismatch or a failed write; nothing is left behind then."""
     try:
-        try:
-            with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
-                temp.write_bytes(response.read())
-        except (urllib.error.URLError, OSError) as err:
-            raise ErcDataError(f"{url}: download failed ({err})") from None
-        got = _sha256(temp)
-        if got != expected:
-            raise ErcDataError(f"{url}: sha256 {got} does not match the expected {expected}; not saved to {target}")
-        os.replace(temp, target)
-    finally:
-        temp.unlink(missing_ok=True)
+        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
+            data = response.read()
+    except (urllib.error.URLError, OSError) as err:
+        raise ErcDataError(f"{url}: download failed ({err})") from None
+    got = hashlib.sha256(data).hexdigest()
+    if got != expected:
+        raise ErcDataError(f"{url}: sha256 {got} does not match the expected {expected}; not saved to {target}")
+    try:
+        atomic_write(target, data)
+    except OSError as err:
+        raise ErcDataError(f"{target}: cannot write the download ({err})") from None
 
 
 def download(dataset: str, raw_dir: str | os.PathLike, base_url: str = DEFAULT_BASE_URL) -> list[Path]:
@@ -69,6 +80,6 @@ def download(dataset: str, raw_dir: str | os.PathLike, base_url: str = DEFAULT_B
     for name in RAW_FILES[dataset].values():
         target, expected = out / name, SHA256[name]
         if not (target.is_file() and _sha256(target) == expected):
-            _fetch(f"{base_url.rstrip('/')}/{REPO_DIRS[dataset]}/{name}", target, expected)
+            _fetch(raw_url(base_url, dataset, name), target, expected)
         paths.append(target)
     return paths

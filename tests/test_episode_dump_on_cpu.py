@@ -1,4 +1,4 @@
-"""selfemo_verl.episodes: per-step JSONL episode dumps, atomic writes, corrupt lines counted (docs/method.md §7.1)."""
+"""selfemo_verl.data.episode_dump: per-step JSONL dumps, atomic writes, corrupt lines counted (docs/method.md §7.1)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from selfemo_verl import files
-from selfemo_verl.episodes import EpisodeRecord, read_dumps, records_from_columns, step_path, write_step
+from selfemo_verl.data.episode_dump import EpisodeRecord, read_dumps, records_from_columns, step_path, write_step
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
