@@ -19,7 +19,7 @@ import time
 from verl.utils.reward_score.gsm8k import compute_score as gsm8k_score
 
 from selfemo_verl.labels import LABEL_SPACES, parse_emotions
-from selfemo_verl.reward import compute_score
+from selfemo_verl.reward_fn import compute_score
 
 WORDS = "the speaker sounds like she is reacting to what he said before and her tone seems quite".split()
 ANSWER_FORMS = [

@@ -76,7 +76,7 @@ selfemo_common_overrides() {
   # ---------------- SELF-EMO: self-play agent loop, reward knobs ----------------
   SELFEMO=(
     actor_rollout_ref.rollout.agent.default_agent_loop=selfemo_self_play
-    reward.custom_reward_function.path=pkg://selfemo_verl.reward
+    reward.custom_reward_function.path=pkg://selfemo_verl.reward_fn
     reward.custom_reward_function.name=compute_score
     selfemo.reward.beta="$BETA"
     selfemo.dump.enable=True

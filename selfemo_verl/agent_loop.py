@@ -160,8 +160,8 @@ def recognize_prompt(row: Row, window: list) -> list:
 
 
 @dataclass
-class Episode:
-    """Mutable token state of the trained sequence (prompt + response so far) and the episode's record."""
+class TokenState:
+    """Mutable token state of one episode's trained sequence (prompt + response so far) and the episode's record."""
 
     request_id: str
     record: SelfPlayRecord
@@ -192,81 +192,84 @@ class SelfPlayAgentLoop(AgentLoopBase):
     async def run(self, sampling_params: dict[str, Any], **kwargs) -> AgentLoopOutput:
         row = read_row(kwargs, need_window=self.mode == "self_play")
         window = recent_turns(row.window, self.knobs.window)  # the one window all three roles see
-        ep = Episode(request_id=uuid4().hex, record=SelfPlayRecord(row.label_space, self.mode),
-                     messages=recognize_prompt(row, window), logprobs=[] if sampling_params.get("logprobs") else None)
+        state = TokenState(request_id=uuid4().hex, record=SelfPlayRecord(row.label_space, self.mode),
+                           messages=recognize_prompt(row, window),
+                           logprobs=[] if sampling_params.get("logprobs") else None)
         # 1. recognize: the window's prompt, tokenized once; the answer is trained (mask 1) -> P_t.
-        ep.ids = await self.ct_build_initial_tokens(ep.messages)
-        ep.record.recognize_text = await self._trained_turn(ep, "recognize", sampling_params)
+        state.ids = await self.ct_build_initial_tokens(state.messages)
+        state.record.recognize_text = await self._trained_turn(state, "recognize", sampling_params)
         speaker = responder_name(window, row.next_speaker)
         turns = self.knobs.self_play_turns if self.mode == "self_play" else 0
-        for _ in range(turns if ep.record.recognize_text is not None else 0):
+        for _ in range(turns if state.record.recognize_text is not None else 0):
             # 2. respond: role switch (mask 0), then the responder's answer (mask 1) -> E_{t+1}, reply.
-            turn = await self._respond(ep, speaker, row.label_space, sampling_params)
+            turn = await self._respond(state, speaker, row.label_space, sampling_params)
             if turn is None:
                 break
             # 3. judge: a separate, untrained generation on the window + reply only -> P-hat_{t+1}.
-            await self._judge(ep, turn, window, row.label_space, sampling_params)
-            ep.record.turns.append(turn)
+            await self._judge(state, turn, window, row.label_space, sampling_params)
+            state.record.turns.append(turn)
             # 4. next self-play turn: the synthetic reply joins the dialogue; the other speaker answers.
             if turn.reply_status != "ok":
                 break
             window = recent_turns(extend_window(window, turn), self.knobs.window)
             speaker = responder_name(window)
         # 5. one output, truncated to rollout.response_length, with the parsed record for the reward.
-        return self._output(ep, no_answer_weight_version(kwargs))
+        return self._output(state, no_answer_weight_version(kwargs))
 
-    async def _respond(self, ep: Episode, speaker: str, label_space: str, sampling_params) -> SelfPlayTurn | None:
+    async def _respond(self, state: TokenState, speaker: str, label_space: str, sampling_params) -> SelfPlayTurn | None:
         """Append the role switch (mask 0) and generate the responder's answer; None when it could not run."""
-        self._close_turn(ep)
-        switch = [*ep.messages, role_switch_message(speaker, label_space)]
-        merge, mask, logprobs = await self.ct_merge_context_msg(ep.messages, switch, ep.ids, ep.mask, ep.logprobs)
-        ep.ids, ep.mask, ep.logprobs, ep.messages = merge.token_ids, mask, logprobs, switch
-        text = await self._trained_turn(ep, "respond", sampling_params)
+        self._close_turn(state)
+        switch = [*state.messages, role_switch_message(speaker, label_space)]
+        merge, mask, logprobs = await self.ct_merge_context_msg(state.messages, switch, state.ids, state.mask,
+                                                                state.logprobs)
+        state.ids, state.mask, state.logprobs, state.messages = merge.token_ids, mask, logprobs, switch
+        text = await self._trained_turn(state, "respond", sampling_params)
         if text is None:
             return None
         turn = SelfPlayTurn(speaker)
         turn.read_answer(text, label_space)
         return turn
 
-    async def _judge(self, ep: Episode, turn: SelfPlayTurn, window: list, label_space: str, sampling_params) -> None:
+    async def _judge(self, state: TokenState, turn: SelfPlayTurn, window: list, label_space: str,
+                     sampling_params) -> None:
         """k blind judge samples on their own prompt and request ids; their tokens never enter the sequence."""
         if turn.reply_status != "ok":
             return  # nothing to judge: the responder wrote no reply (judged_status stays "missing")
         prompt = await self.ct_build_initial_tokens(judge_messages(window, turn.speaker, turn.reply, label_space))
         params = dict(self._params(sampling_params, "judge", self.knobs.max_tokens["judge"]), logprobs=False)
         base = uuid4().hex
-        calls = [self._generate(ep, f"{base}-judge{i}", prompt, params, trained=False)
+        calls = [self._generate(state, f"{base}-judge{i}", prompt, params, trained=False)
                  for i in range(self.knobs.judge_samples)]
         outs = await asyncio.gather(*calls)
         # None = the server returned nothing usable (infrastructure); an empty generation is the model's ("empty")
         turn.read_judge([out[2] if out is not None else None for out, _ in outs], label_space)
         errors = [error for out, error in outs if out is None]
         if errors:
-            ep.record.infra_fail(f"judge: {len(errors)}/{len(outs)} samples failed: {errors[0]}")
+            state.record.infra_fail(f"judge: {len(errors)}/{len(outs)} samples failed: {errors[0]}")
 
-    async def _trained_turn(self, ep: Episode, role: str, sampling_params) -> str | None:
+    async def _trained_turn(self, state: TokenState, role: str, sampling_params) -> str | None:
         """Generate one trained answer on the episode's token state (mask 1); its decoded text, or None."""
-        budget = self.response_length - len(ep.mask)
+        budget = self.response_length - len(state.mask)
         if budget <= 0:
-            ep.record.fail(f"{role}: rollout.response_length reached")
+            state.record.fail(f"{role}: rollout.response_length reached")
             return None
         params = self._params(sampling_params, role, min(self.knobs.max_tokens[role], budget))
-        out, error = await self._generate(ep, ep.request_id, ep.ids, params, trained=True)
+        out, error = await self._generate(state, state.request_id, state.ids, params, trained=True)
         if out is None:  # the server's fault: raised, aborted or invalid
-            ep.record.infra_fail(f"{role}: {error}")
+            state.record.infra_fail(f"{role}: {error}")
             return None
         if not out[0]:  # the model's answer was empty
-            ep.record.fail(f"{role}: empty generation")
+            state.record.fail(f"{role}: empty generation")
             return None
         tokens, logprobs, text = out
-        ep.cut = len(tokens) >= params["max_tokens"] and tokens[-1] != self.eos_id
-        merge, ep.mask, ep.logprobs = await self.ct_merge_assistant_token(
-            ep.ids, tokens, ep.mask, ep.logprobs, assistant_logprobs=logprobs)
-        ep.ids = merge.token_ids
-        ep.messages = [*ep.messages, {"role": "assistant", "content": text}]
+        state.cut = len(tokens) >= params["max_tokens"] and tokens[-1] != self.eos_id
+        merge, state.mask, state.logprobs = await self.ct_merge_assistant_token(
+            state.ids, tokens, state.mask, state.logprobs, assistant_logprobs=logprobs)
+        state.ids = merge.token_ids
+        state.messages = [*state.messages, {"role": "assistant", "content": text}]
         return text
 
-    async def _generate(self, ep: Episode, request_id: str, prompt_ids: list, params: dict, trained: bool):
+    async def _generate(self, state: TokenState, request_id: str, prompt_ids: list, params: dict, trained: bool):
         """One server call -> ((tokens, logprobs, text), None), or (None, reason) on an infrastructure failure.
 
         Never raises."""
@@ -278,17 +281,17 @@ class SelfPlayAgentLoop(AgentLoopBase):
             logger.warning("selfemo agent loop: server error on %s: %r", request_id, exc)
             return None, f"server error {type(exc).__name__}: {exc}"[:300]
         finally:
-            ep.generate_s += time.perf_counter() - start
-        return self._checked(output, params, ep if trained else None)
+            state.generate_s += time.perf_counter() - start
+        return self._checked(output, params, state if trained else None)
 
-    def _checked(self, output, params: dict, ep: Episode | None):
+    def _checked(self, output, params: dict, state: TokenState | None):
         """Validate a TokenOutput: not aborted, ids >= 0 and decodable, at most max_tokens, logprobs aligned when
         wanted; decode it."""
         if not isinstance(output, TokenOutput):
             return None, f"invalid server output: {type(output).__name__}, not a TokenOutput"
         if output.stop_reason in ABORTED:
             return None, f"server aborted the request (stop_reason {output.stop_reason!r})"
-        want = ep is not None and ep.logprobs is not None
+        want = state is not None and state.logprobs is not None
         try:
             tokens = [int(t) for t in output.token_ids][: params["max_tokens"]]
             logprobs = [float(x) for x in output.log_probs][: len(tokens)] if want else None
@@ -300,19 +303,19 @@ class SelfPlayAgentLoop(AgentLoopBase):
             text = self._decode(tokens)  # an id no tokenizer has (e.g. 2**40) raises here, not later in verl
         except Exception as exc:  # server output is untrusted: wrong types (pydantic checks only at init), bad ids
             return None, f"invalid server output {type(exc).__name__}: {exc}"[:300]
-        if ep is not None:
-            self._absorb_server_fields(ep, fields, preempted)
+        if state is not None:
+            self._absorb_server_fields(state, fields, preempted)
         return (tokens, logprobs, text), None
 
     @staticmethod
-    def _absorb_server_fields(ep: Episode, fields: dict, preempted) -> None:
+    def _absorb_server_fields(state: TokenState, fields: dict, preempted) -> None:
         """Keep the first trained call's server extra_fields (weight versions etc.) and the latest max_global_steps."""
-        if not ep.server_fields:
-            ep.server_fields = fields
+        if not state.server_fields:
+            state.server_fields = fields
         elif fields.get("max_global_steps") is not None:
-            ep.server_fields["max_global_steps"] = fields["max_global_steps"]
+            state.server_fields["max_global_steps"] = fields["max_global_steps"]
         if preempted is not None:
-            ep.num_preempted = max(ep.num_preempted, 0) + preempted
+            state.num_preempted = max(state.num_preempted, 0) + preempted
 
     def _params(self, sampling_params: dict, role: str, max_tokens: int) -> dict:
         """Per-role copy of verl's sampling params: max_tokens, and the judge's temperature when sampling.
@@ -326,31 +329,32 @@ class SelfPlayAgentLoop(AgentLoopBase):
             params["temperature"] = float(role_temperature)
         return params
 
-    def _close_turn(self, ep: Episode) -> None:
+    def _close_turn(self, state: TokenState) -> None:
         """An answer cut by its token limit has no EOS: append one (mask 0) so the next message is well formed."""
-        if ep.cut:
-            ep.cut = False
-            ep.ids, ep.mask = [*ep.ids, self.eos_id], [*ep.mask, 0]
-            ep.logprobs = None if ep.logprobs is None else [*ep.logprobs, 0.0]
+        if state.cut:
+            state.cut = False
+            state.ids, state.mask = [*state.ids, self.eos_id], [*state.mask, 0]
+            state.logprobs = None if state.logprobs is None else [*state.logprobs, 0.0]
 
     def _decode(self, tokens: list) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
-    def _output(self, ep: Episode, no_answer_version: int) -> AgentLoopOutput:
+    def _output(self, state: TokenState, no_answer_version: int) -> AgentLoopOutput:
         """Split prompt/response, guarantee >= 1 response token, truncate all three lists alike; fill every
         weight-version field a server that answered would have set (verl casts them to int)."""
-        if not ep.mask:  # nothing generated: one mask-0 EOS so verl has a last position for the reward
-            ep.ids, ep.mask = [*ep.ids, self.eos_id], [0]
-            ep.logprobs = None if ep.logprobs is None else [0.0]
-        n, cap = len(ep.mask), self.response_length
-        versions = {key: no_answer_version for key in WEIGHT_KEYS if ep.server_fields.get(key) is None}
-        extra = {**ep.server_fields, **versions, "turn_scores": [], "tool_rewards": [],
-                 "selfemo": ep.record.as_fields()}
+        if not state.mask:  # nothing generated: one mask-0 EOS so verl has a last position for the reward
+            state.ids, state.mask = [*state.ids, self.eos_id], [0]
+            state.logprobs = None if state.logprobs is None else [0.0]
+        n, cap = len(state.mask), self.response_length
+        versions = {key: no_answer_version for key in WEIGHT_KEYS if state.server_fields.get(key) is None}
+        extra = {**state.server_fields, **versions, "turn_scores": [], "tool_rewards": [],
+                 "selfemo": state.record.as_fields()}
         return AgentLoopOutput(
-            prompt_ids=ep.ids[: len(ep.ids) - n], response_ids=ep.ids[-n:][:cap], response_mask=ep.mask[:cap],
-            response_logprobs=None if ep.logprobs is None else ep.logprobs[:cap],
-            num_turns=sum(1 for message in ep.messages if message.get("role") != "system"),
-            metrics=AgentLoopMetrics(generate_sequences=ep.generate_s, num_preempted=ep.num_preempted),
+            prompt_ids=state.ids[: len(state.ids) - n], response_ids=state.ids[-n:][:cap],
+            response_mask=state.mask[:cap],
+            response_logprobs=None if state.logprobs is None else state.logprobs[:cap],
+            num_turns=sum(1 for message in state.messages if message.get("role") != "system"),
+            metrics=AgentLoopMetrics(generate_sequences=state.generate_s, num_preempted=state.num_preempted),
             extra_fields=extra,
         )
 

@@ -1,10 +1,10 @@
 """Pure logic of one self-play episode (docs/method.md §6): who replies, the judge's majority vote, the record.
 
 Core module: no verl, no ray. The agent loop (`selfemo_verl.agent_loop`) only moves tokens; every decision about
-labels, speakers and the `extra_fields["selfemo"]` record that the reward (`selfemo_verl.reward`) and the
+labels, speakers and the `extra_fields["selfemo"]` record that the reward (`selfemo_verl.reward_fn`) and the
 flywheel read is made here. Model output is untrusted: nothing here raises on it.
 
-Episode record (the contract documented in `selfemo_verl/reward.py`; a key is absent when its step did not run):
+Episode record (the contract documented in `selfemo_verl/reward_fn.py`; a key is absent when its step did not run):
 label_space, pred, pred_status, [stated, stated_status, reply, reply_status, reply_speaker, judged,
 judged_status, judge_agreement], later_turns (turns 2..T, same keys), error (str reason or None),
 infra_error (int 0/1), plus mode ("self_play" | "recognize").

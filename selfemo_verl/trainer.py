@@ -5,7 +5,7 @@ test in tests/test_trainer_on_cpu.py.
 
 What changes against `PPOTrainerSync`: only the advantage step, and only with `algorithm.adv_estimator=self_grpo`.
 
-1. Read each row's `pred_mask` (the recognizer's label set P_i as a bitmask, from `selfemo_verl.reward`) out of
+1. Read each row's `pred_mask` (the recognizer's label set P_i as a bitmask, from `selfemo_verl.reward_fn`) out of
    TransferQueue: the streaming reward path stores `compute_score`'s dict as
    `extra_fields["reward_extra_info"]` of each `AgentLoopOutput` (`AgentLoopWorker._compute_score`), and
    `AgentLoopWorkerTQ._agent_loop_postprocess` writes `extra_fields` as a TQ column under the key
@@ -134,7 +134,7 @@ def episode_columns(keys, extra_fields, valid) -> tuple[np.ndarray, np.ndarray, 
         if not isinstance(info, dict) or "pred_mask" not in info:
             raise ValueError(
                 f"row {key}: extra_fields['reward_extra_info'] has no 'pred_mask'; self_grpo needs "
-                "reward.custom_reward_function.path=pkg://selfemo_verl.reward (streaming reward path)"
+                "reward.custom_reward_function.path=pkg://selfemo_verl.reward_fn (streaming reward path)"
             )
         masks[i] = int(info["pred_mask"])
         parsed[i] = float(info.get("parse_ok", 0.0)) == 1.0

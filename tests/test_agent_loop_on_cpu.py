@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from selfemo_verl.agent_loop import RecognizeAgentLoop, SelfPlayAgentLoop, check_role_temperatures
 from selfemo_verl.labels import parse_emotions
 from selfemo_verl.prompts import format_dialogue, recognize_messages, role_switch_message
-from selfemo_verl.reward import compute_score
+from selfemo_verl.reward_fn import compute_score
 from verl.experimental.agent_loop.agent_loop import DictConfigWrap
 from verl.utils.dataset.rl_dataset import RLHFDataset
 from verl.workers.rollout.replica import TokenOutput

@@ -30,7 +30,7 @@ def test_entrypoint_cfg_job_composes_with_self_grpo():
     assert result.returncode == 0, result.stderr[-3000:]
     job = yaml.safe_load(result.stdout)
     assert job["algorithm"]["adv_estimator"] == "self_grpo"
-    assert job["reward"]["custom_reward_function"]["path"] == "pkg://selfemo_verl.reward"
+    assert job["reward"]["custom_reward_function"]["path"] == "pkg://selfemo_verl.reward_fn"
     assert job["actor_rollout_ref"]["rollout"]["agent"]["default_agent_loop"] == "selfemo_self_play"
     assert job["reward"]["custom_reward_function"]["reward_kwargs"] == job["selfemo"]["reward"]  # resolved
     assert job["trainer"]["use_v1"] is True and job["trainer"]["v1"]["trainer_mode"] == "sync"

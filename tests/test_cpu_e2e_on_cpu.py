@@ -94,7 +94,7 @@ class SelfEmoRun:
 
 
 def _selfemo_run(out_dir: Path, data_dir: Path, extra_env: dict) -> SelfEmoRun:
-    for module in ("selfemo_verl.main", "selfemo_verl.trainer", "selfemo_verl.agent_loop", "selfemo_verl.reward"):
+    for module in ("selfemo_verl.main", "selfemo_verl.trainer", "selfemo_verl.agent_loop", "selfemo_verl.reward_fn"):
         if not (REPO / (module.replace(".", "/") + ".py")).is_file():
             pytest.skip(f"{module} is not written yet; recipes/run_cpu_smoke.sh needs it")
     dumps = out_dir / "dumps"

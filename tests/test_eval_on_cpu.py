@@ -141,7 +141,7 @@ def test_bitmasks_from_compute_score_give_the_same_metrics_as_the_texts():
 
     texts = ["<emotion>joy</emotion>", "<emotion>anger, joy</emotion>", "garbage", "<emotion>fear</emotion>"]
     golds = ["joy", "anger", "fear", "fear"]
-    # as selfemo_verl.reward reports them: pred_mask 0 when parsing failed, gold_mask one bit
+    # as selfemo_verl.reward_fn reports them: pred_mask 0 when parsing failed, gold_mask one bit
     pred_masks = [np.int64(labels_to_mask({"joy"}, "meld")), labels_to_mask({"anger", "joy"}, "meld"), 0,
                   labels_to_mask({"fear"}, "meld")]
     gold_masks = [labels_to_mask({g}, "meld") for g in golds]

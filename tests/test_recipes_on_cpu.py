@@ -59,7 +59,7 @@ def test_dry_run_composes_and_validates_every_round_with_our_plugin_names(script
         assert f"round_{r}: ok | adv_estimator=self_grpo strategy={strategy}" in result.stdout
         cfg = _config(tmp_path, r)
         assert cfg["algorithm"]["adv_estimator"] == "self_grpo"
-        assert cfg["reward"]["custom_reward_function"]["path"] == "pkg://selfemo_verl.reward"
+        assert cfg["reward"]["custom_reward_function"]["path"] == "pkg://selfemo_verl.reward_fn"
         assert cfg["reward"]["custom_reward_function"]["name"] == "compute_score"
         assert cfg["reward"]["custom_reward_function"]["reward_kwargs"]["beta"] == 0.3
         assert cfg["actor_rollout_ref"]["rollout"]["agent"]["default_agent_loop"] == "selfemo_self_play"

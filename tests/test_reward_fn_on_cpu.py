@@ -1,4 +1,4 @@
-"""selfemo_verl.reward.compute_score: the verl reward-function contract, fuzzed, and run through verl's reward loop."""
+"""selfemo_verl.reward_fn.compute_score: the verl reward-function contract, fuzzed, run through verl's reward loop."""
 
 import doctest
 import importlib.util
@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import selfemo_verl.reward as reward_mod
+import selfemo_verl.reward_fn as reward_mod
 from selfemo_verl.labels import LABEL_SPACES
-from selfemo_verl.reward import compute_score
+from selfemo_verl.reward_fn import compute_score
 
 KEYS = {"score", "r_rec", "r_con", "r_und", "has_con", "has_und", "parse_ok", "pred_mask", "n_pred", "gold_mask",
         "infra_error"}
@@ -158,7 +158,7 @@ def test_reward_file_re_exports_compute_score(repo_root):
     from verl.utils.import_utils import load_extern_object
 
     by_file = load_extern_object(str(repo_root / "reward_fns" / "selfemo_reward.py"), "compute_score")
-    by_pkg = load_extern_object("pkg://selfemo_verl.reward", "compute_score")
+    by_pkg = load_extern_object("pkg://selfemo_verl.reward_fn", "compute_score")
     assert by_file is compute_score and by_pkg is compute_score
 
 
@@ -196,7 +196,7 @@ def _trajectory(tokenizer, response: str, extra_info: dict, tool_extra_fields: d
     return DataProto(batch=batch, non_tensor_batch=non_tensor)
 
 
-@pytest.mark.parametrize("path", ["reward_fns/selfemo_reward.py", "pkg://selfemo_verl.reward"])
+@pytest.mark.parametrize("path", ["reward_fns/selfemo_reward.py", "pkg://selfemo_verl.reward_fn"])
 def test_compute_score_runs_in_verls_naive_reward_loop(path, tokenizer, repo_root, monkeypatch):
     from omegaconf import OmegaConf
     from verl.trainer.ppo.reward import load_reward_manager

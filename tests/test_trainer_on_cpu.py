@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_module
 from transfer_queue import KVBatchMeta
 
 from selfemo_verl.advantage import self_grpo_advantage
-from selfemo_verl.reward import compute_score
+from selfemo_verl.reward_fn import compute_score
 from selfemo_verl.rewards import group_consistency, group_consistency_from_masks
 from selfemo_verl.trainer import (
     N_LABELS,

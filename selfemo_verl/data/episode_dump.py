@@ -8,7 +8,7 @@ Format (agreed with the lead; docs/method.md §7.1): `DIR/step_{step:06d}.jsonl`
     {"data_source": "selfemo/meld",  # the row's data_source
      "index": 17,                    # the row's extra_info.index in the parquet this round trains on
      "rewards": {"r_con": 1.0, "r_rec": 1.0, "r_und": 0.0, "score": 1.5, ...},  # reward_extra_info values
-     "selfemo": {...},               # the agent loop's extra_fields["selfemo"] (see selfemo_verl/reward.py)
+     "selfemo": {...},               # the agent loop's extra_fields["selfemo"] (see selfemo_verl/reward_fn.py)
      "step": 3,                      # global training step
      "uid": "a1b2..."}               # verl's group id (the n episodes of one prompt share it)
 

@@ -2,7 +2,7 @@
 
 Adapter: translates verl's per-trajectory call (verl 0.9.1 reward loop, `NaiveRewardManager.run_single`) into
 core calls (`labels.parse_emotions`, `rewards.score_episode`); no math of its own. Selected with
-`reward.custom_reward_function.path=pkg://selfemo_verl.reward` (or `reward_fns/selfemo_reward.py`); the knobs
+`reward.custom_reward_function.path=pkg://selfemo_verl.reward_fn` (or `reward_fns/selfemo_reward.py`); the knobs
 come from `reward.custom_reward_function.reward_kwargs` (`selfemo.reward.*` in the YAML): eps, beta, sigma,
 r_invalid, w_rec, w_con, w_und. A knob left out uses the core function's default (docs/method.md §3).
 
