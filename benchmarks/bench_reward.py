@@ -18,7 +18,7 @@ import time
 
 from verl.utils.reward_score.gsm8k import compute_score as gsm8k_score
 
-from selfemo_verl.labels import LABEL_SPACES, parse_emotions
+from selfemo_verl.labels import LABEL_SPACES, data_source, parse_emotions
 from selfemo_verl.reward_fn import compute_score
 
 WORDS = "the speaker sounds like she is reacting to what he said before and her tone seems quite".split()
@@ -50,13 +50,13 @@ def make_emotion_cases(n: int, rng: random.Random) -> list[tuple]:
         pred = rng.sample(labels, rng.choice([1, 1, 1, 2]))
         form = rng.choices(ANSWER_FORMS, weights=[70, 10, 10, 5, 5])[0]
         text = f"<think>{_prose(rng)}</think>\n{form(pred, rng)}"
-        cases.append((f"selfemo/{space}", text, gold, space))
+        cases.append((data_source(space), text, gold, space))
     return cases
 
 
 def make_self_play_cases(emotion_cases, rng: random.Random) -> list[tuple]:
     out = []
-    for data_source, text, gold, space in emotion_cases:
+    for source, text, gold, space in emotion_cases:
         labels = LABEL_SPACES[space]
         pred, status = parse_emotions(text, space)  # what the agent loop would hand over
         stated, judged = [rng.choice(labels)], [rng.choice(labels)]
@@ -65,7 +65,7 @@ def make_self_play_cases(emotion_cases, rng: random.Random) -> list[tuple]:
                    "judge_agreement": 1.0}
         extra = {"split": "train", "index": 0, "label_space": space, "next_gold": [rng.choice(labels)],
                  "selfemo": selfemo}
-        out.append((data_source, text + "<reply>" + selfemo["reply"] + "</reply>", gold, extra))
+        out.append((source, text + "<reply>" + selfemo["reply"] + "</reply>", gold, extra))
     return out
 
 

@@ -26,10 +26,30 @@ are this project's choices.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
+
+
+@dataclass(frozen=True)
+class SelfGrpoKnobs:
+    """SELF-GRPO's knobs with their defaults (docs/method.md §5): `algorithm.self_grpo` of selfemo_trainer.yaml.
+
+    The one copy of these defaults in code: the keyword defaults below read `SELF_GRPO_DEFAULTS` (the registered
+    estimator falls back to them under a plain verl YAML), and tests/test_config_on_cpu.py keeps them equal to the YAML.
+    """
+
+    consistency_weight: float = 0.2  # λ: weight of the group consistency c_i
+    std_floor: float = 0.1  # σ_min: floor on the group std; 0 = verl's std + epsilon
+    adv_clip: float | None = 3.0  # A_max: |A| bound; None (or inf) = no clipping
+    epsilon: float = 1e-6  # added to the std when std_floor is 0 (verl's grpo epsilon)
+    norm_by_std: bool = True  # divide by the (floored) std; False = mean-centring only (Dr.GRPO)
+
+
+SELF_GRPO_DEFAULTS = SelfGrpoKnobs()
+_D = SELF_GRPO_DEFAULTS  # short name for the keyword defaults below
 
 
 def group_ids(index) -> tuple[torch.Tensor, int]:
@@ -104,11 +124,11 @@ def self_grpo_advantage(
     consistency=None,
     member=None,
     *,
-    consistency_weight: float = 0.2,
-    std_floor: float = 0.1,
-    adv_clip: float | None = 3.0,
-    epsilon: float = 1e-6,
-    norm_by_std: bool = True,
+    consistency_weight: float = _D.consistency_weight,
+    std_floor: float = _D.std_floor,
+    adv_clip: float | None = _D.adv_clip,
+    epsilon: float = _D.epsilon,
+    norm_by_std: bool = _D.norm_by_std,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SELF-GRPO advantage, one scalar per episode broadcast over its response tokens.
 
@@ -151,11 +171,11 @@ def self_grpo_stats(
     consistency=None,
     member=None,
     *,
-    consistency_weight: float = 0.2,
-    std_floor: float = 0.1,
-    adv_clip: float | None = 3.0,
-    epsilon: float = 1e-6,
-    norm_by_std: bool = True,
+    consistency_weight: float = _D.consistency_weight,
+    std_floor: float = _D.std_floor,
+    adv_clip: float | None = _D.adv_clip,
+    epsilon: float = _D.epsilon,
+    norm_by_std: bool = _D.norm_by_std,
 ) -> dict[str, float]:
     """Diagnostics of one SELF-GRPO step, vectorised like the estimator.
 

@@ -12,8 +12,9 @@ consistency c_i reaches the estimator in one of three ways, first match wins:
 3. neither: c_i = 0 (plain `verl.trainer.main_ppo` with `algorithm.adv_estimator=self_grpo`).
 
 Knobs come from `config.self_grpo` (`selfemo_verl/config/selfemo_trainer.yaml` holds the defaults); a config
-without `self_grpo` (plain verl YAML) uses the signature defaults of `self_grpo_advantage`, which a test
-keeps equal to the YAML. verl's `algorithm.norm_adv_by_std_in_grpo` is not read (`self_grpo.norm_by_std` is).
+without `self_grpo` (plain verl YAML) uses `advantage.SELF_GRPO_DEFAULTS` (the keyword defaults of
+`self_grpo_advantage`), which a test keeps equal to the YAML. verl's `algorithm.norm_adv_by_std_in_grpo` is not
+read (`self_grpo.norm_by_std` is).
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ import torch
 
 from verl.trainer.ppo.core_algos import register_adv_est
 
-from selfemo_verl.advantage import self_grpo_advantage, self_grpo_stats
+from selfemo_verl.advantage import SelfGrpoKnobs, self_grpo_advantage, self_grpo_stats
 
-KNOBS = ("consistency_weight", "std_floor", "adv_clip", "epsilon", "norm_by_std")
+KNOBS = tuple(field.name for field in dataclasses.fields(SelfGrpoKnobs))  # the keys algorithm.self_grpo may hold
 
 
 @dataclasses.dataclass

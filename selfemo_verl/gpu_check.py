@@ -23,15 +23,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from selfemo_verl.advantage import self_grpo_advantage, self_grpo_stats
+from selfemo_verl.advantage import SELF_GRPO_DEFAULTS, self_grpo_advantage, self_grpo_stats
 from selfemo_verl.rewards import group_consistency_from_masks
 
-KNOBS = dict(consistency_weight=0.2, std_floor=0.1, adv_clip=3.0)
+KNOBS = asdict(SELF_GRPO_DEFAULTS)  # the recipe's knobs (selfemo_trainer.yaml's algorithm.self_grpo)
 TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 2**-7}  # bf16: 8 significant bits -> |A| <= 3 rounds by <= 2^-7
 
 

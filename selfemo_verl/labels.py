@@ -1,4 +1,4 @@
-"""Label spaces, synonyms, valence-arousal coordinates and the answer parser (docs/method.md §2).
+"""Label spaces, synonyms, valence-arousal coordinates, the answer parser and the data source (docs/method.md §2).
 
 Core module: no verl, no ray. Model output is untrusted, so `parse_emotions` never raises.
 """
@@ -64,6 +64,7 @@ VALENCE_AROUSAL: dict[str, dict[str, tuple[float, float]]] = {
 }
 
 STATUSES = ("ok", "no_tag", "unknown_label", "empty", "too_many")
+DATA_SOURCE_PREFIX = "selfemo/"  # a SELF-EMO row's data_source is "selfemo/<dataset>" (`data_source`, `dataset_of`)
 
 # lower-case word -> canonical label, canonical words and synonyms together (built once).
 _LOOKUP: dict[str, dict[str, str]] = {
@@ -81,6 +82,27 @@ def check_label_space(label_space: str) -> tuple[str, ...]:
     if label_space not in LABEL_SPACES:
         raise ValueError(f"unknown label space {label_space!r}; expected one of {sorted(LABEL_SPACES)}")
     return LABEL_SPACES[label_space]
+
+
+def data_source(dataset: str) -> str:
+    """The `data_source` of a parquet row of `dataset`: "selfemo/<dataset>" (verl groups its metrics by it).
+
+    >>> data_source("meld")
+    'selfemo/meld'
+    """
+    return DATA_SOURCE_PREFIX + dataset
+
+
+def dataset_of(source) -> str | None:
+    """The dataset (label space) of a "selfemo/<dataset>" data source; None for any other source or value.
+
+    >>> dataset_of("selfemo/meld"), dataset_of("openai/gsm8k"), dataset_of("selfemo/toy"), dataset_of(None)
+    ('meld', None, None, None)
+    """
+    if not isinstance(source, str) or not source.startswith(DATA_SOURCE_PREFIX):
+        return None
+    dataset = source[len(DATA_SOURCE_PREFIX) :]
+    return dataset if dataset in LABEL_SPACES else None
 
 
 def canonical_label(word: str, label_space: str) -> str | None:

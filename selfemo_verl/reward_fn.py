@@ -4,7 +4,8 @@ Adapter: translates verl's per-trajectory call (verl 0.9.1 reward loop, `NaiveRe
 core calls (`labels.parse_emotions`, `rewards.score_episode`); no math of its own. Selected with
 `reward.custom_reward_function.path=pkg://selfemo_verl.reward_fn` (or `reward_fns/selfemo_reward.py`); the knobs
 come from `reward.custom_reward_function.reward_kwargs` (`selfemo.reward.*` in the YAML): eps, beta, sigma,
-r_invalid, w_rec, w_con, w_und. A knob left out uses the core function's default (docs/method.md §3).
+r_invalid, w_rec, w_con, w_und (`rewards.RewardKnobs`). A knob left out uses its default, `rewards.REWARD_DEFAULTS`
+(docs/method.md §3).
 
 Where the labels come from
 --------------------------
@@ -55,18 +56,18 @@ data_source/solution_str/ground_truth/extra_info; an unknown knob name raises Va
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import fields
 
-from selfemo_verl.labels import LABEL_SPACES, parse_emotions
-from selfemo_verl.rewards import as_label_set, is_ok, labels_to_mask, score_episode
+from selfemo_verl.labels import LABEL_SPACES, dataset_of, parse_emotions
+from selfemo_verl.rewards import RewardKnobs, as_label_set, is_ok, labels_to_mask, score_episode
 
-_KNOBS = frozenset({"eps", "beta", "sigma", "r_invalid", "w_rec", "w_con", "w_und"})
+_KNOBS = frozenset(field.name for field in fields(RewardKnobs))
 _VERL_KWARGS = frozenset({"reward_router_address", "reward_model_tokenizer"})  # passed by verl, unused here
 
 
 def _label_space(data_source, extra_info: Mapping, selfemo: Mapping) -> str | None:
     """First known label space among extra_info, the selfemo dict and data_source "selfemo/<dataset>"."""
-    ds = data_source.rpartition("/")[2] if isinstance(data_source, str) else None
-    for cand in (extra_info.get("label_space"), selfemo.get("label_space"), ds):
+    for cand in (extra_info.get("label_space"), selfemo.get("label_space"), dataset_of(data_source)):
         if isinstance(cand, str):
             if cand in LABEL_SPACES:
                 return cand

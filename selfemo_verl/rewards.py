@@ -12,15 +12,33 @@ term".
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
 from selfemo_verl.labels import LABEL_SPACES, VALENCE_AROUSAL, check_label_space
 
-# docs/method.md §3 defaults, used only as the core functions' keyword defaults (recipes set them in the YAML).
-EPS, BETA, SIGMA, R_INVALID = 0.1, 0.0, 0.5, 0.0
-W_REC, W_CON, W_UND = 1.0, 0.5, 0.25
+
+@dataclass(frozen=True)
+class RewardKnobs:
+    """The reward knobs with their defaults (docs/method.md §3): `selfemo.reward` of selfemo_trainer.yaml.
+
+    The one copy of these defaults in code: the keyword defaults below read `REWARD_DEFAULTS`, and
+    tests/test_config_on_cpu.py keeps them equal to the YAML, from which the recipes pass them to `compute_score`.
+    """
+
+    eps: float = 0.1  # ε: additive smoothing of the IoU
+    beta: float = 0.0  # β: semantic smoothing of the gold set
+    sigma: float = 0.5  # σ: width of the valence-arousal kernel
+    r_invalid: float = 0.0  # score of an answer whose parse status is not "ok"
+    w_rec: float = 1.0  # weight of r_rec
+    w_con: float = 0.5  # weight of r_con
+    w_und: float = 0.25  # weight of r_und
+
+
+REWARD_DEFAULTS = RewardKnobs()
+_D = REWARD_DEFAULTS  # short name for the keyword defaults below
 
 _INDEX: dict[str, dict[str, int]] = {sp: {lab: i for i, lab in enumerate(labs)} for sp, labs in LABEL_SPACES.items()}
 
@@ -97,7 +115,7 @@ def _check_knobs(label_space, eps: float, beta: float, sigma: float) -> None:
 
 
 def smoothed_iou(
-    pred, gold, label_space: str | None = None, eps: float = EPS, beta: float = BETA, sigma: float = SIGMA
+    pred, gold, label_space: str | None = None, eps: float = _D.eps, beta: float = _D.beta, sigma: float = _D.sigma
 ) -> float:
     """Smoothed multi-label IoU between a predicted set P and a gold set G (docs/method.md §3.1-3.2).
 
@@ -132,7 +150,7 @@ def smoothed_iou(
 
 
 def episode_reward(
-    r_rec, r_con=None, r_und=None, w_rec: float = W_REC, w_con: float = W_CON, w_und: float = W_UND
+    r_rec, r_con=None, r_und=None, w_rec: float = _D.w_rec, w_con: float = _D.w_con, w_und: float = _D.w_und
 ) -> float:
     """Weighted sum of the present episode terms (docs/method.md §3.4): R = w_rec r_rec + w_con r_con + w_und r_und.
 
@@ -165,9 +183,9 @@ JUDGE_ERROR = "judge_error"  # the agent loop's status for a judge that never an
 
 
 def score_episode(
-    pred, pred_status, gold, label_space: str | None = None, turns=(), next_gold=None, r_invalid: float = R_INVALID,
-    eps: float = EPS, beta: float = BETA, sigma: float = SIGMA,
-    w_rec: float = W_REC, w_con: float = W_CON, w_und: float = W_UND,
+    pred, pred_status, gold, label_space: str | None = None, turns=(), next_gold=None,
+    r_invalid: float = _D.r_invalid, eps: float = _D.eps, beta: float = _D.beta, sigma: float = _D.sigma,
+    w_rec: float = _D.w_rec, w_con: float = _D.w_con, w_und: float = _D.w_und,
 ) -> dict:
     """All reward terms of one episode (docs/method.md §3.4) from already-parsed label sets; never raises on labels.
 
@@ -267,7 +285,7 @@ def consensus(label_sets, label_space: str | None = None) -> frozenset:
     return frozenset(lab for lab, c in counts.items() if c == top)
 
 
-def group_consistency(label_sets, voters, label_space: str | None = None, eps: float = EPS) -> list[float]:
+def group_consistency(label_sets, voters, label_space: str | None = None, eps: float = _D.eps) -> list[float]:
     """Per-episode agreement with the group consensus (docs/method.md §4.2): c_i = sIoU(P_i, M) for voters, else 0.
 
     M = consensus of the voters' sets only. `voters[i]` is true when episode i's recognizer answer parsed and
@@ -293,7 +311,7 @@ def _mask_bits(masks: np.ndarray, n_labels: int) -> np.ndarray:
     return ((m[:, None] >> np.arange(n_labels, dtype=np.int64)[None, :]) & 1).astype(bool)
 
 
-def group_consistency_from_masks(masks, voters, group_ids, n_labels: int, eps: float = EPS) -> np.ndarray:
+def group_consistency_from_masks(masks, voters, group_ids, n_labels: int, eps: float = _D.eps) -> np.ndarray:
     """Vectorised group_consistency over a whole batch of bitmasks, grouped by `group_ids` (e.g. verl uids).
 
     masks (N,) int, voters (N,) bool, group_ids (N,) any comparable values; returns (N,) float64 c_i, equal to

@@ -80,12 +80,12 @@ def last_export(ckpt_dir: Path, hf_subdir: str) -> Path:
     return hf_dir
 
 
-def data_source(dataset: str, data_dir: str, raw_dir: str, offline_dir: str) -> list[str]:
+def source_args(dataset: str, data_dir: str, raw_dir: str, offline_dir: str) -> list[str]:
     """prepare_erc.py's source arguments: RAW_DIR, else the offline copy when it exists, else a download.
 
-    >>> data_source("meld", "data/meld", "", "/no/such/dir")
+    >>> source_args("meld", "data/meld", "", "/no/such/dir")
     ['--raw-dir', 'data/meld/raw', '--download']
-    >>> data_source("iemocap", "data/iemocap", "/data/iemocap", "/no/such/dir")
+    >>> source_args("iemocap", "data/iemocap", "/data/iemocap", "/no/such/dir")
     ['--raw-dir', '/data/iemocap']
     """
     if raw_dir:
@@ -102,7 +102,7 @@ def prepare_data(args: argparse.Namespace) -> int:
     if (Path(args.data_dir) / "train.parquet").is_file():
         return 0
     command = [sys.executable, str(PREPARE_ERC), "--dataset", args.dataset,
-               *data_source(args.dataset, args.data_dir, args.raw_dir, args.offline_dir), "--out-dir", args.data_dir]
+               *source_args(args.dataset, args.data_dir, args.raw_dir, args.offline_dir), "--out-dir", args.data_dir]
     command += ["--base-url", args.base_url] if args.base_url else []
     command += ["--window", str(args.window)] if args.window else []
     print("+ " + shlex.join(command), flush=True)

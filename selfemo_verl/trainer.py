@@ -58,7 +58,7 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from selfemo_verl.data.episode_dump import records_from_columns, write_step
 from selfemo_verl.estimator import ConsistencyFeed, consistency_feed
 from selfemo_verl.eval.metrics import metrics_by_source
-from selfemo_verl.labels import LABEL_SPACES
+from selfemo_verl.labels import LABEL_SPACES, dataset_of
 from selfemo_verl.rewards import component_means, group_consistency_from_masks
 
 N_LABELS = max(len(labels) for labels in LABEL_SPACES.values())
@@ -245,16 +245,15 @@ def corpus_val_metrics(data_sources, reward_extra_infos: dict) -> dict[str, floa
     if preds is None or golds is None:
         return {}
     rows = [i for i, source in enumerate(data_sources)
-            if str(source).startswith("selfemo/") and str(source)[8:] in LABEL_SPACES
-            and preds[i] is not None and golds[i] is not None]
+            if dataset_of(str(source)) is not None and preds[i] is not None and golds[i] is not None]
     if not rows:
         return {}
     sources = [str(data_sources[i]) for i in rows]
     by_source = metrics_by_source([int(preds[i]) for i in rows], [int(golds[i]) for i in rows],
-                                  sources, [source[8:] for source in sources])
+                                  sources, [dataset_of(source) for source in sources])
     out = {}
     for source, values in by_source.items():
-        dataset = source[8:]
+        dataset = dataset_of(source)
         for name in ("weighted_f1", "accuracy"):
             out[f"val-core/selfemo/{name}/{dataset}"] = values[name]
         for name in ("macro_f1", "parse_failure_rate", "classes_predicted", "majority_accuracy",

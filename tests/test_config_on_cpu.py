@@ -4,6 +4,7 @@ import inspect
 import re
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,8 @@ import yaml
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from selfemo_verl.advantage import self_grpo_advantage
+from selfemo_verl.advantage import SELF_GRPO_DEFAULTS, self_grpo_advantage
+from selfemo_verl.rewards import REWARD_DEFAULTS
 
 YAML = Path(__file__).resolve().parents[1] / "selfemo_verl" / "config" / "selfemo_trainer.yaml"
 OVERRIDES = ["actor_rollout_ref.model.path=/tmp/tiny-model", "data.train_files=/tmp/t.parquet",
@@ -65,6 +67,13 @@ def test_self_grpo_yaml_defaults_equal_the_function_defaults(config):
     defaults = {k: p.default for k, p in inspect.signature(self_grpo_advantage).parameters.items()
                 if p.kind is p.KEYWORD_ONLY}
     assert OmegaConf.to_container(config.algorithm.self_grpo) == defaults
+
+
+def test_knob_dataclass_defaults_equal_the_composed_yaml(config):
+    # reason: RewardKnobs / SelfGrpoKnobs are the one copy of the YAML's defaults in code (the keyword defaults of
+    # rewards.* and advantage.self_grpo_advantage read them)
+    assert asdict(REWARD_DEFAULTS) == OmegaConf.to_container(config.selfemo.reward)
+    assert asdict(SELF_GRPO_DEFAULTS) == OmegaConf.to_container(config.algorithm.self_grpo)
 
 
 def test_verl_hands_selfemo_reward_knobs_to_compute_score(config):

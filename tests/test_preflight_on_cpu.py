@@ -266,11 +266,11 @@ def test_the_export_cli_prints_the_last_checkpoints_hf_dir_or_exits_2_with_one_l
 # ---------------------------------------------------------------- data on a fresh machine
 
 
-def test_data_source_prefers_raw_dir_then_the_offline_copy_then_a_download(tmp_path):
-    assert round_inputs.data_source("meld", "d", "/raw", str(tmp_path)) == ["--raw-dir", "/raw"]
-    assert round_inputs.data_source("meld", "d", "", str(tmp_path)) == ["--raw-dir", str(tmp_path)]
-    assert round_inputs.data_source("emorynlp", "d", "", str(tmp_path / "no")) == ["--raw-dir", "d/raw", "--download"]
-    error = _refusal(round_inputs.data_source, "iemocap", "d", "", str(tmp_path / "no"))
+def test_source_args_prefer_raw_dir_then_the_offline_copy_then_a_download(tmp_path):
+    assert round_inputs.source_args("meld", "d", "/raw", str(tmp_path)) == ["--raw-dir", "/raw"]
+    assert round_inputs.source_args("meld", "d", "", str(tmp_path)) == ["--raw-dir", str(tmp_path)]
+    assert round_inputs.source_args("emorynlp", "d", "", str(tmp_path / "no")) == ["--raw-dir", "d/raw", "--download"]
+    error = _refusal(round_inputs.source_args, "iemocap", "d", "", str(tmp_path / "no"))
     assert error.startswith("RAW_DIR: ") and "request it from USC" in error and "then set RAW_DIR" in error
 
 

@@ -8,15 +8,16 @@ reward is a continuous score, so a random tiny model's samples differ and GRPO a
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import sys
-import tempfile
 from pathlib import Path
 
-from selfemo_verl.labels import LABEL_SPACES
+from selfemo_verl.files import atomic_write
+from selfemo_verl.labels import LABEL_SPACES, data_source
 
-DATA_SOURCE = "selfemo/toy"
+DATA_SOURCE = data_source("toy")  # a selfemo source, but no ERC dataset: the corpus metrics leave it out
 
 
 def toy_rows(n: int, split: str, seed: int = 0) -> list[dict]:
@@ -45,16 +46,15 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kw
 
 
 def write_toy_parquet(out_dir: str | os.PathLike, n_train: int = 64, n_val: int = 8) -> Path:
-    """Write train.parquet and val.parquet atomically; returns out_dir."""
+    """Write train.parquet and val.parquet (pandas' parquet, each file atomically: `files.atomic_write`); returns
+    out_dir."""
     import pandas as pd
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", n_train), ("val", n_val)):
-        fd, tmp = tempfile.mkstemp(suffix=".parquet", dir=out)
-        os.close(fd)
-        pd.DataFrame(toy_rows(n, split)).to_parquet(tmp)
-        os.replace(tmp, out / f"{split}.parquet")
+        buffer = io.BytesIO()
+        pd.DataFrame(toy_rows(n, split)).to_parquet(buffer)
+        atomic_write(out / f"{split}.parquet", buffer.getvalue())
     return out
 
 

@@ -36,7 +36,7 @@ import pyarrow as pa
 
 from selfemo_verl.data.parquet import PARQUET_SCHEMA, parquet_bytes
 from selfemo_verl.files import atomic_write_all
-from selfemo_verl.labels import LABEL_SPACES
+from selfemo_verl.labels import LABEL_SPACES, data_source
 from selfemo_verl.prompts import recognize_messages
 
 SPLITS = ("train", "val", "test")
@@ -250,7 +250,7 @@ def make_row(dialogue: Dialogue, turn: int, dataset: str, split: str, index: int
         "window": ctx,
     }
     return {
-        "data_source": f"selfemo/{dataset}",
+        "data_source": data_source(dataset),
         "prompt": recognize_messages(ctx, dataset),
         "ability": ABILITY,
         "reward_model": {"style": "rule", "ground_truth": [target.label]},
