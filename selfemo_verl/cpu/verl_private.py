@@ -1,6 +1,6 @@
 """Every reliance of the CPU backend on a private verl 0.9.1 name or undocumented behaviour, in one place.
 
-Each item names what it relies on; tests/test_cpu_backend_on_cpu.py has one contract test per item, so a
+Each item names what it relies on; tests/test_cpu_verl_private_on_cpu.py has one contract test per item, so a
 verl upgrade that changes any of them fails loudly there instead of hanging or mis-training a CPU run.
 """
 
