@@ -26,7 +26,7 @@ Limitation: one `AgentLoopOutput` per episode (what `selfemo_self_play` returns)
 would all join the uid group (verl's special multi-output handling applies to `grpo` only), so it raises.
 
 Episode dump (`selfemo.dump.enable`): the same TransferQueue read also writes every real episode of the step
-(`episodes.write_step`: uid, row index, `extra_fields["selfemo"]`, reward terms) for the data flywheel.
+(`episode_dump.write_step`: uid, row index, `extra_fields["selfemo"]`, reward terms) for the data flywheel.
 
 Validation: weighted-F1 is corpus-level, so it cannot be the mean of per-sample scores; the validation step
 also computes accuracy / weighted-F1 / macro-F1 / parse-failure rate per data source from the gathered
