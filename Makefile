@@ -16,7 +16,7 @@ $(STAMP): requirements/cpu.txt requirements/cpu.lock requirements/assets.txt pyp
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=10
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
