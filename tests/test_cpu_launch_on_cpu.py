@@ -66,3 +66,14 @@ def test_every_cpu_recipe_takes_the_launch_overrides(repo_root):
         assert "-m selfemo_verl.cpu.launch overrides" in (recipes / name).read_text()
     for name in ("run_cpu_demo.sh", "run_cpu_rounds.sh"):
         assert "bash recipes/run_cpu_smoke.sh" in (recipes / name).read_text()
+
+
+def test_cpu_threads_are_every_usable_core_unless_the_user_set_omp_num_threads():
+    import os
+
+    from selfemo_verl.cpu.launch import cpu_threads
+
+    cores = len(os.sched_getaffinity(0))
+    assert cpu_threads({}) == cores  # reason: Ray would give each actor 1 thread; we give all cores
+    assert cpu_threads({"OMP_NUM_THREADS": "1"}) == 1  # reason: the user's choice wins (e.g. to compare)
+    assert cpu_threads({"OMP_NUM_THREADS": "0"}) == cpu_threads({"OMP_NUM_THREADS": "x"}) == cores  # reason: invalid

@@ -70,15 +70,17 @@ def precision_overrides() -> list[str]:
     ]
 
 
-def cpu_threads() -> int:
-    """Torch threads of each trainer process: every core this process may run on.
+def cpu_threads(environ=os.environ) -> int:
+    """Torch threads of each trainer process: OMP_NUM_THREADS when the user set it, else every usable core.
 
     Ray gives an actor without `num_cpus` OMP_NUM_THREADS=1 unless the variable is already set, so verl's actor
     worker (FSDP forward/backward, log-probs) ran on one of the two cores while the other idled. In the
     synchronous trainer the actor computes while the rollout server waits and vice versa, so each may take
     every core (the hf server picks its own count: selfemo_verl.cpu.hf_rollout.server_threads).
+    `OMP_NUM_THREADS=1 make demo` reproduces the one-thread actor.
     """
-    return len(os.sched_getaffinity(0))
+    raw = environ.get("OMP_NUM_THREADS", "").strip()
+    return int(raw) if raw.isdigit() and int(raw) > 0 else len(os.sched_getaffinity(0))
 
 
 def cpu_env() -> dict[str, str]:
