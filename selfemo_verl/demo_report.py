@@ -10,13 +10,13 @@ the last step (`trainer.test_freq`). Used by `make demo` (recipes/run_cpu_demo.s
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import sys
 from pathlib import Path
 
 from selfemo_verl.files import atomic_write
+from selfemo_verl.plots import new_axes, png_bytes
 
 # (row label, metric name pattern with {ds} = dataset, scale to percent?)
 TABLE_ROWS = (
@@ -88,12 +88,7 @@ def verdict(table: list[tuple[str, float, float]]) -> str:
 
 def plot_curves(rows: list[tuple[int, dict]], out_png: Path) -> list[str]:
     """Save the training reward curves (those of CURVES that were logged); return the plotted names."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_axes((6, 4))
     plotted = []
     for name in CURVES:
         points = [(step, data[name]) for step, data in rows if name in data and step > 0]
@@ -104,10 +99,7 @@ def plot_curves(rows: list[tuple[int, dict]], out_png: Path) -> list[str]:
     ax.set_ylabel("mean over the step's episodes")
     ax.set_title("SELF-EMO CPU demo: training rewards")
     ax.legend()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write(out_png, buffer.getvalue())
+    atomic_write(out_png, png_bytes(fig))
     return plotted
 
 

@@ -16,7 +16,6 @@ zero-shot (the validation before training, i.e. the untrained model). A bad inpu
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import sys
@@ -30,6 +29,7 @@ from selfemo_verl.data.parquet import write_parquet
 from selfemo_verl.demo_report import read_metrics
 from selfemo_verl.eval.metrics import mean_sd
 from selfemo_verl.files import atomic_write
+from selfemo_verl.plots import new_axes, png_bytes
 
 ARMS = {"selfemo": "SELF-EMO (self-play, SELF-GRPO)", "recognize": "GRPO, recognition only"}
 AGENTS = {"selfemo": "selfemo_self_play", "recognize": "selfemo_recognize"}
@@ -141,14 +141,9 @@ def _eval_lines(exp_dir: Path) -> str:
 
 def plot(runs: dict[str, list[dict]], out_png: Path) -> None:
     """Validation weighted-F1 over training steps, one line per run, the majority baseline dashed."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.4, 4.0))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, ax = new_axes((6.4, 4.0))
     for arm, arm_runs in runs.items():
-        for i, run in enumerate(arm_runs):
+        for run in arm_runs:
             steps, f1 = zip(*[(step, v["weighted-F1"]) for step, v in run["vals"]])
             ax.plot(steps, f1, marker="o", label=f"{ARMS[arm]}, seed {run['seed']}")
     ax.axhline(next(iter(runs.values()))[0]["majority"]["weighted-F1"], linestyle="--", color="gray",
@@ -156,9 +151,7 @@ def plot(runs: dict[str, list[dict]], out_png: Path) -> None:
     ax.set(xlabel="training step", ylabel="validation weighted-F1 (%)", title="SmolLM2-135M on MELD dev, CPU")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    atomic_write(out_png, buffer.getvalue())
+    atomic_write(out_png, png_bytes(fig))
 
 
 def report(exp_dir, dataset: str = "meld") -> str:

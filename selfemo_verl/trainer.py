@@ -3,7 +3,8 @@
 Adapter; every reliance on a private verl 0.9.1 name lives in this file, each marked, each with a contract
 test in tests/test_trainer_on_cpu.py.
 
-What changes against `PPOTrainerSync`: only the advantage step, and only with `algorithm.adv_estimator=self_grpo`.
+What changes against `PPOTrainerSync`: the advantage step (only with `algorithm.adv_estimator=self_grpo`), the
+corpus-level validation metrics, and an optional time budget (all below).
 
 1. Read each row's `pred_mask` (the recognizer's label set P_i as a bitmask, from `selfemo_verl.reward_fn`) out of
    TransferQueue: the streaming reward path stores `compute_score`'s dict as
@@ -165,6 +166,11 @@ def consistency_feed_for(keys, tags, rows, eps: float) -> ConsistencyFeed:
 class SelfEmoTrainer(PPOTrainerSync):
     """`PPOTrainerSync` whose advantage step feeds SELF-GRPO the group-level consistency c_i."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        budget_s = self.config.selfemo.trainer.time_budget_s
+        self.step_budget = None if budget_s is None else StepBudget(budget_s)
+
     # Overrides verl 0.9.1 PPOTrainer._compute_advantage; re-check on upgrade.
     def _compute_advantage(self, batch, metrics: dict):
         dump = self.config.selfemo.dump
@@ -188,11 +194,6 @@ class SelfEmoTrainer(PPOTrainerSync):
             raise RuntimeError("verl's _compute_advantage did not call the self_grpo estimator (verl changed?)")
         metrics.update({METRIC_PREFIX + name: value for name, value in feed.stats.items()})
         return batch
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        budget_s = self.config.selfemo.trainer.time_budget_s
-        self.step_budget = None if budget_s is None else StepBudget(budget_s)
 
     def on_step_begin(self):
         super().on_step_begin()
