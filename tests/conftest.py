@@ -31,12 +31,19 @@ SLOW_FILES = {"test_cpu_e2e_on_cpu.py", "test_rounds_cpu_e2e_on_cpu.py"}
 SLOW_NAME_PARTS = ("dry_run", "entrypoint", "smollm2", "local_model_is_measured", "round_loop_chains")
 
 
+# The vLLM lane (tests/vllm_lane/) runs in .venv-vllm (`make test-vllm`); the main lane deselects it.
+VLLM_LANE = REPO / "tests" / "vllm_lane"
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: an end-to-end run (minutes); `make test-fast` skips it")
+    config.addinivalue_line("markers", "vllm: the vLLM lane, run in .venv-vllm by `make test-vllm`")
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
+        if item.path.is_relative_to(VLLM_LANE):
+            item.add_marker(pytest.mark.vllm)
         if item.path.name in SLOW_FILES or any(part in item.name for part in SLOW_NAME_PARTS):
             item.add_marker(pytest.mark.slow)
 

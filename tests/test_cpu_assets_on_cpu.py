@@ -189,6 +189,6 @@ def test_primed_model_answers_in_tags_with_varied_labels(primed_dir):
 
 
 def test_primed_dir_name_follows_the_priming_recipe(monkeypatch, tmp_path):
-    before = assets._primed_recipe_hash()
+    before = assets._primed_recipe_hash(assets.TINY_QWEN3)
     monkeypatch.setitem(priming.PRIME, "steps", priming.PRIME["steps"] + 1)
-    assert assets._primed_recipe_hash() != before
+    assert assets._primed_recipe_hash(assets.TINY_QWEN3) != before

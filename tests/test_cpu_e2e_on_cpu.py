@@ -40,7 +40,8 @@ def _run(script: str, out_dir: Path, extra_env: dict, overrides: tuple = ()) -> 
     log_tail = (out_dir / "run.log").read_text(errors="replace")[-4000:]
     assert report.returncode == 0, log_tail
     steps = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    syncs = [json.loads(line) for line in (out_dir / "weight_sync.jsonl").read_text().splitlines()]
+    sync_log = out_dir / "weight_sync.jsonl"  # written by the hf server only (the vLLM lane has none)
+    syncs = [json.loads(line) for line in sync_log.read_text().splitlines()] if sync_log.exists() else []
     return report, steps, syncs
 
 

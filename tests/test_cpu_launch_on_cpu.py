@@ -21,12 +21,29 @@ def test_launch_overrides_compose_with_verls_ppo_trainer_config():
     assert cfg.transfer_queue.backend.SimpleStorage.num_data_storage_units == 1
 
 
+def test_vllm_overrides_compose_with_verls_config_and_turn_off_what_vllm_offers_only_on_gpus():
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("verl.trainer.config", version_base=None):
+        cfg = compose("ppo_trainer", overrides=launch.cpu_overrides(rollout="vllm"))
+    rollout = cfg.actor_rollout_ref.rollout
+    assert rollout.name == "vllm" and rollout.tensor_model_parallel_size == 1 and rollout.dtype == "float32"
+    # reason: vLLM's sleep mode (and so freeing its cache between steps) and CUDA graphs exist only on GPUs
+    assert rollout.enforce_eager and not rollout.free_cache_engine and not rollout.enable_sleep_mode
+    assert launch.cpu_env("vllm").items() >= launch.VLLM_CPU_ENV.items()
+    assert not launch.VLLM_CPU_ENV.keys() & launch.cpu_env("hf").keys()
+    with pytest.raises(ValueError, match="unknown rollout 'sglang'"):
+        launch.cpu_overrides(rollout="sglang")
+
+
 def test_launch_cli_prints_env_and_overrides_and_rejects_bad_usage():
     run = lambda *a: subprocess.run([sys.executable, "-m", "selfemo_verl.cpu.launch", *a], capture_output=True, text=True)
     assert "export VERL_PLATFORM=cpu" in run("env").stdout.splitlines()
+    assert "export VLLM_CPU_KVCACHE_SPACE=1" in run("env", "vllm").stdout.splitlines()
     assert run("overrides").stdout.splitlines() == launch.cpu_overrides()
+    assert run("overrides", "vllm").stdout.splitlines() == launch.cpu_overrides(rollout="vllm")
     assert run("precision").stdout.split()[0] == "precision=fp32"
-    assert run("bogus").returncode == 2
+    assert run("bogus").returncode == run("env", "sglang").returncode == 2
 
 
 # ---------------- precision: fp32 for actor, reference and rollout on every CPU ----------------

