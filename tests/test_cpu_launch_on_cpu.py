@@ -36,14 +36,20 @@ def test_vllm_overrides_compose_with_verls_config_and_turn_off_what_vllm_offers_
         launch.cpu_overrides(rollout="sglang")
 
 
-def test_launch_cli_prints_env_and_overrides_and_rejects_bad_usage():
-    run = lambda *a: subprocess.run([sys.executable, "-m", "selfemo_verl.cpu.launch", *a], capture_output=True, text=True)
-    assert "export VERL_PLATFORM=cpu" in run("env").stdout.splitlines()
-    assert "export VLLM_CPU_KVCACHE_SPACE=1" in run("env", "vllm").stdout.splitlines()
-    assert run("overrides").stdout.splitlines() == launch.cpu_overrides()
-    assert run("overrides", "vllm").stdout.splitlines() == launch.cpu_overrides(rollout="vllm")
-    assert run("precision").stdout.split()[0] == "precision=fp32"
-    assert run("bogus").returncode == run("env", "sglang").returncode == 2
+def test_launch_cli_prints_env_and_overrides_and_rejects_bad_usage(capsys):
+    def run(*args):
+        code = launch.main(["launch", *args])
+        return code, capsys.readouterr().out.splitlines()
+
+    assert "export VERL_PLATFORM=cpu" in run("env")[1]
+    assert "export VLLM_CPU_KVCACHE_SPACE=1" in run("env", "vllm")[1]
+    assert run("overrides")[1] == launch.cpu_overrides()
+    assert run("overrides", "vllm")[1] == launch.cpu_overrides(rollout="vllm")
+    assert run("precision")[1][0].split()[0] == "precision=fp32"
+    assert run("bogus")[0] == run("env", "sglang")[0] == run("env", "hf", "extra")[0] == 2
+    # the module runs as the recipes call it
+    cli = subprocess.run([sys.executable, "-m", "selfemo_verl.cpu.launch", "env"], capture_output=True, text=True)
+    assert cli.returncode == 0 and "export VERL_PLATFORM=cpu" in cli.stdout.splitlines()
 
 
 # ---------------- precision: fp32 for actor, reference and rollout on every CPU ----------------
