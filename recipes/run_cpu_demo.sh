@@ -48,6 +48,7 @@ EPISODES=(
   selfemo.agent.max_tokens.recognize="$RECOGNIZE_TOKENS"
   selfemo.agent.max_tokens.respond=48
   selfemo.agent.max_tokens.judge=24
+  data.max_response_length=160     # recognize 24 + role switch (72 SmolLM2 tokens) + respond 48 = 144
   trainer.experiment_name=demo
 )
 

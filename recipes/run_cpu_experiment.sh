@@ -45,6 +45,7 @@ COMMON=(
   selfemo.agent.max_tokens.recognize="$RECOGNIZE_TOKENS"
   selfemo.agent.max_tokens.respond=48
   selfemo.agent.max_tokens.judge=24
+  data.max_response_length=160                  # recognize 24 + role switch (72 SmolLM2 tokens) + respond 48 = 144
   algorithm.rollout_correction.bypass_mode=True
 )
 declare -A ARM=(

@@ -448,6 +448,7 @@ SMOKE_STUB = """#!/usr/bin/env bash
 set -euo pipefail
 test -f "$DATA_DIR/train.parquet"
 echo "SMOKE DATA_DIR=$DATA_DIR WINDOW=$WINDOW" >> "$CALLS"
+echo "SMOKE_ARGS $*" >> "$CALLS"
 """
 
 
@@ -483,6 +484,26 @@ def test_make_demo_prefers_the_offline_copy_when_shared_data_is_beside_the_check
     assert result.returncode == 0, result.stderr[-3000:]
     assert "--raw-dir ../shared/data/meld" in result.stdout and not (tmp_path / "demo" / "data" / "raw").exists()
     assert "SMOKE DATA_DIR=" in calls.read_text()
+
+
+def test_the_demos_response_budget_holds_a_whole_smollm2_episode(tmp_path, data_dir):
+    from transformers import AutoTokenizer
+
+    from selfemo_verl.cpu.assets import smollm2_dir
+
+    shutil.copytree(data_dir / "meld", tmp_path / "fresh" / "shared" / "data" / "meld")
+    result, calls = _demo(tmp_path, DATA_URL=(tmp_path / "nowhere").as_uri())
+    assert result.returncode == 0, result.stderr[-3000:]
+    [line] = [line for line in calls.read_text().splitlines() if line.startswith("SMOKE_ARGS ")]
+    args = dict(arg.split("=", 1) for arg in line.split()[1:] if "=" in arg)  # the demo's overrides (they come last)
+    spec = importlib.util.spec_from_file_location("check_config", REPO / "recipes" / "check_config.py")
+    check_config = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_config)
+    switch = check_config.role_switch_tokens(AutoTokenizer.from_pretrained(smollm2_dir()), "llama", {})
+    need = int(args["selfemo.agent.max_tokens.recognize"]) + switch + int(args["selfemo.agent.max_tokens.respond"])
+    # reason: with the smoke's 128 the responder got 32-48 of its 48 tokens (SmolLM2's role switch is 72 tokens) and
+    # 81 % of a first step's episodes ran into the cap
+    assert int(args["data.max_response_length"]) >= need, (args["data.max_response_length"], need)
 
 
 @pytest.mark.parametrize("script", sorted(RECIPES))
