@@ -88,22 +88,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _probe(platform: str | None) -> dict:
+def _start_probe(platform: str | None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("VERL_PLATFORM", "VERL_ENGINE_DEVICE")}
     env.update(PROBE_PORT=str(_free_port()), VERL_LOGGING_LEVEL="ERROR")
     if platform:
         env["VERL_PLATFORM"] = platform
-    out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=300)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("FACTS=")]
-    assert out.returncode == 0 and lines, out.stderr[-3000:]
+    return subprocess.Popen([sys.executable, "-c", _PROBE], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _probe_facts(proc: subprocess.Popen) -> dict:
+    stdout, stderr = proc.communicate(timeout=300)
+    lines = [line for line in stdout.splitlines() if line.startswith("FACTS=")]
+    assert proc.returncode == 0 and lines, stderr[-3000:]
     return json.loads(lines[-1][len("FACTS="):])
 
 
 @pytest.fixture(scope="session")
-def cpu_facts():
-    return _probe("cpu")
+def _platform_probes() -> dict:
+    """Both probes at once (two interpreters importing verl: ~7 s each, in parallel on two cores)."""
+    procs = {platform: _start_probe(platform) for platform in ("cpu", None)}
+    return {platform: _probe_facts(proc) for platform, proc in procs.items()}
 
 
 @pytest.fixture(scope="session")
-def default_facts():
-    return _probe(None)
+def cpu_facts(_platform_probes):
+    return _platform_probes["cpu"]
+
+
+@pytest.fixture(scope="session")
+def default_facts(_platform_probes):
+    return _platform_probes[None]
