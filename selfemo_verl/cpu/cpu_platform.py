@@ -14,7 +14,6 @@ What it answers (verl asks the platform, never torch directly):
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from typing import Any, Optional
 
@@ -22,9 +21,7 @@ import psutil
 import torch
 from verl.plugin.platform import PlatformBase, PlatformRegistry
 
-from selfemo_verl.cpu import verl_private
-
-PLATFORM_NAME = "cpu"
+from selfemo_verl.cpu import PLATFORM_NAME, cpu_platform_selected, verl_private
 
 
 class CpuDeviceModule:
@@ -95,7 +92,7 @@ class PlatformCPU(PlatformBase):
         return True
 
     def is_platform_available(self, use_smi_check: bool = False) -> bool:
-        return os.environ.get("VERL_PLATFORM", "").strip().lower() == PLATFORM_NAME
+        return cpu_platform_selected()
 
     def current_device(self) -> torch.device:
         return torch.device("cpu")

