@@ -12,6 +12,11 @@ How SELF-GRPO differs from verl 0.9.1's built-in `grpo` (`core_algos.compute_grp
    A = 0 and enter neither the mean nor the std of their group; a group left with one member is a singleton.
 6. Vectorised over groups (one `pandas.factorize` + `index_add_`), no Python loop over uids; group moments in
    float64, the result in the reward dtype; the broadcast selects with the 0/1 mask instead of multiplying.
+7. `per_role` (off by default): the recognizer's tokens and the responder's tokens of one episode get separate
+   advantages, each group-normalised like the above: the recognizer's from its own reward term plus consistency
+   (w_rec·r_rec + λ·c_i), the responder's from the rest of R (w_con·r_con + w_und·r_und). With one scalar per
+   episode a correct recognition also rewards whatever the responder said, and the responder's lucky guess
+   rewards a wrong recognition (`self_grpo_role_advantage`).
 
 Everything else is verl's: score = Σ_t token_level_rewards, unbiased (n−1) sample std, `norm_by_std=False`
 subtracts the mean only (Dr.GRPO), the scalar is broadcast over the response mask, returns = advantages.
@@ -46,6 +51,7 @@ class SelfGrpoKnobs:
     adv_clip: float | None = 3.0  # A_max: |A| bound; None (or inf) = no clipping
     epsilon: float = 1e-6  # added to the std when std_floor is 0 (verl's grpo epsilon)
     norm_by_std: bool = True  # divide by the (floored) std; False = mean-centring only (Dr.GRPO)
+    per_role: bool = False  # separate advantages for the recognizer's and the responder's tokens
 
 
 SELF_GRPO_DEFAULTS = SelfGrpoKnobs()
@@ -207,3 +213,65 @@ def self_grpo_stats(
         "adv_clip_frac": clipped,
         "consistency_mean": float(c.mean()) if c is not None and c.numel() else 0.0,
     }
+
+
+def recognizer_tokens(response_mask: torch.Tensor) -> torch.Tensor:
+    """Which response tokens are the recognizer's answer: the trained tokens before the first untrained one.
+
+    An episode's response is the recognizer's answer (mask 1), then the role switch (mask 0) and the
+    responder's answer (mask 1), and so on (docs/method.md §6.1); a recognize-only episode is one answer and padding.
+    Shapes: response_mask (bs, L) 0/1 -> (bs, L) bool.
+
+    >>> recognizer_tokens(torch.tensor([[1, 1, 0, 0, 1, 1], [1, 1, 1, 0, 0, 0], [0, 1, 1, 0, 0, 0]])).int().tolist()
+    [[1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]]
+    """
+    trained = response_mask.bool()
+    return trained & (torch.cumsum((~trained).to(torch.int32), dim=-1) == 0)
+
+
+@torch.no_grad()
+def self_grpo_role_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index,
+    recognizer_scores,
+    consistency=None,
+    member=None,
+    *,
+    consistency_weight: float = _D.consistency_weight,
+    std_floor: float = _D.std_floor,
+    adv_clip: float | None = _D.adv_clip,
+    epsilon: float = _D.epsilon,
+    norm_by_std: bool = _D.norm_by_std,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SELF-GRPO with one advantage per role (`per_role`): the recognizer's tokens and the responder's differ.
+
+        A_rec_i  = SELF-GRPO of s_i = w_rec·r_rec_i (`recognizer_scores`), consistency c_i included
+        A_resp_i = SELF-GRPO of R_i − s_i, without consistency (c_i measures the recognizer's agreement)
+        token t of episode i gets A_rec_i on the recognizer's answer (`recognizer_tokens`), A_resp_i after it.
+
+    Same groups, members, std floor and clip as `self_grpo_advantage`. Shapes: token_level_rewards,
+    response_mask (bs, L); index, recognizer_scores, consistency, member (bs,).
+    Assumption: the paper gives no formula; splitting the credit by role is this project's choice.
+
+    >>> r = torch.tensor([[0.0, 0.0, 1.5], [0.0, 0.0, 0.0]])        # R = 1.5 (r_rec 1, responder 0.5) vs 0
+    >>> a, _ = self_grpo_role_advantage(r, torch.tensor([[1, 0, 1], [1, 0, 1]]), ["u", "u"], [1.0, 0.0],
+    ...                                 consistency_weight=0.0, adv_clip=None)
+    >>> [[round(x, 4) for x in row] for row in a.tolist()]         # ±1/√2 per role, 0 on the role switch
+    [[0.7071, 0.0, 0.7071], [-0.7071, 0.0, -0.7071]]
+    """
+    knobs = dict(consistency_weight=consistency_weight, std_floor=std_floor, epsilon=epsilon, norm_by_std=norm_by_std)
+    scores = token_level_rewards.sum(dim=-1)
+    rec = torch.as_tensor(recognizer_scores, dtype=scores.dtype, device=scores.device).reshape(-1)
+    ids, n_groups = group_ids(index)
+    ids = ids.to(scores.device)
+    a_rec = _unclipped(rec, ids, n_groups, consistency, member, **knobs)
+    a_resp = _unclipped(scores - rec, ids, n_groups, None, member, **knobs)
+    bound = _clip_bound(adv_clip)
+    if bound is not None:
+        a_rec, a_resp = a_rec.clamp(-bound, bound), a_resp.clamp(-bound, bound)
+    dtype = token_level_rewards.dtype
+    per_token = torch.where(recognizer_tokens(response_mask), a_rec.to(dtype).unsqueeze(-1),
+                            a_resp.to(dtype).unsqueeze(-1))
+    advantages = torch.where(response_mask.bool(), per_token, 0.0)
+    return advantages, advantages

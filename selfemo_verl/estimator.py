@@ -28,7 +28,8 @@ import torch
 
 from verl.trainer.ppo.core_algos import register_adv_est
 
-from selfemo_verl.advantage import SelfGrpoKnobs, self_grpo_advantage, self_grpo_stats
+from selfemo_verl.advantage import (SELF_GRPO_DEFAULTS, SelfGrpoKnobs, self_grpo_advantage, self_grpo_role_advantage,
+                                   self_grpo_stats)
 
 KNOBS = tuple(field.name for field in dataclasses.fields(SelfGrpoKnobs))  # the keys algorithm.self_grpo may hold
 
@@ -45,6 +46,7 @@ class ConsistencyFeed:
     consistency: np.ndarray
     valid: np.ndarray
     infra: np.ndarray
+    recognizer_scores: np.ndarray | None = None  # w_rec·r_rec per row, for `per_role` (None: not fed)
     stats: dict | None = None
 
     @property
@@ -96,12 +98,21 @@ def self_grpo(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, co
     if index is None:
         raise ValueError("self_grpo needs the prompt uids (index); verl passes non_tensor_batch['uid']")
     knobs = self_grpo_knobs(config)
+    per_role = knobs.pop("per_role", SELF_GRPO_DEFAULTS.per_role)
     consistency, member = kwargs.get("consistency"), kwargs.get("member")
+    recognizer_scores = kwargs.get("recognizer_scores")
     feed = _feed_consistency(index) if consistency is None else None
     if feed is not None:
-        consistency, member = feed.consistency, feed.member
-    advantages, returns = self_grpo_advantage(token_level_rewards, response_mask, index, consistency, member,
-                                              **knobs)
+        consistency, member, recognizer_scores = feed.consistency, feed.member, feed.recognizer_scores
+    if per_role:
+        if recognizer_scores is None:
+            raise ValueError("algorithm.self_grpo.per_role=true needs the recognizer's reward per episode, which "
+                             "selfemo_verl.main's trainer feeds; plain verl.trainer.main_ppo cannot")
+        advantages, returns = self_grpo_role_advantage(token_level_rewards, response_mask, index, recognizer_scores,
+                                                       consistency, member, **knobs)
+    else:
+        advantages, returns = self_grpo_advantage(token_level_rewards, response_mask, index, consistency, member,
+                                                  **knobs)
     if feed is not None:
         feed.stats = _feed_stats(feed, token_level_rewards.sum(dim=-1), advantages, index, knobs)
     return advantages, returns

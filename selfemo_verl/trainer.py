@@ -150,17 +150,25 @@ def check_one_output_per_session(keys) -> None:
         raise ValueError(f"self_grpo expects one AgentLoopOutput per episode; got multi-output key {extra[0]!r}")
 
 
-def consistency_feed_for(keys, tags, rows, eps: float) -> ConsistencyFeed:
+def recognizer_scores(extra_fields, valid, w_rec: float) -> np.ndarray:
+    """w_rec·r_rec per row (the recognizer's share of R, for `self_grpo.per_role`); 0 for padding rows, shape (N,)."""
+    return np.array([w_rec * float(fields["reward_extra_info"]["r_rec"]) if real else 0.0
+                     for fields, real in zip(extra_fields, valid, strict=True)], dtype=np.float64)
+
+
+def consistency_feed_for(keys, tags, rows, eps: float, w_rec: float | None = None) -> ConsistencyFeed:
     """The estimator feed for one batch: uids, c_i per row, real rows, and rows hit by infrastructure failures.
 
     Only parsed episodes without an infrastructure failure vote and score (docs/method.md §4.2); others get c_i = 0.
+    With `w_rec` (`self_grpo.per_role`) the feed also carries each row's w_rec·r_rec.
     """
     # TensorDict["non-tensor field"] is a list of the python values (tensordict LinkedList).
     uids = np.array(list(rows["uid"]), dtype=object)
     valid = np.array([not tag.get("is_padding", False) for tag in tags], dtype=bool)
     masks, parsed, infra = episode_columns(keys, list(rows["extra_fields"]), valid)
     consistency = group_consistency_from_masks(masks, valid & parsed & ~infra, uids, N_LABELS, eps)
-    return ConsistencyFeed(uids=uids, consistency=consistency, valid=valid, infra=infra)
+    rec = None if w_rec is None else recognizer_scores(list(rows["extra_fields"]), valid, w_rec)
+    return ConsistencyFeed(uids=uids, consistency=consistency, valid=valid, infra=infra, recognizer_scores=rec)
 
 
 class SelfEmoTrainer(PPOTrainerSync):
@@ -187,7 +195,10 @@ class SelfEmoTrainer(PPOTrainerSync):
         metrics.update(reward_metrics(batch.tags, rows))
         if not self_grpo:
             return super()._compute_advantage(batch, metrics)
-        feed = consistency_feed_for(batch.keys, batch.tags, rows, eps=self.config.selfemo.reward.eps)
+        reward = self.config.selfemo.reward
+        per_role = self.config.algorithm.self_grpo.get("per_role", False)
+        feed = consistency_feed_for(batch.keys, batch.tags, rows, eps=reward.eps,
+                                    w_rec=reward.w_rec if per_role else None)
         with consistency_feed(feed):
             batch = super()._compute_advantage(batch, metrics)
         if feed.stats is None:

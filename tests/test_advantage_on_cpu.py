@@ -232,3 +232,90 @@ def test_feed_with_other_rows_raises():
                            np.array([False, False]))
     with consistency_feed(feed), pytest.raises(RuntimeError, match="uids do not match"):
         self_grpo(torch.ones(2, 1), torch.ones(2, 1), config=None, index=np.array(["a", "b"], dtype=object))
+
+
+# ---------------- per_role: the recognizer's and the responder's tokens get their own advantages ----------------
+
+def test_recognizer_tokens_end_at_the_first_untrained_token():
+    mask = torch.tensor([
+        [1, 1, 0, 0, 1, 1, 0],  # reason: recognizer 2 tokens, role switch, responder 2 tokens, padding
+        [1, 1, 1, 1, 0, 0, 0],  # reason: recognize-only episode: one answer, then padding
+        [1, 1, 0, 1, 0, 0, 1],  # reason: a cut answer's appended EOS (mask 0) also ends the recognizer's part
+        [0, 0, 0, 0, 0, 0, 0],  # reason: the first call failed: one mask-0 EOS and padding, no trained token
+    ])
+    expected = [[1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0], [0] * 7]
+    assert advantage.recognizer_tokens(mask).int().tolist() == expected
+
+
+def _role_batch(seed, n_groups=10):
+    """Self-play responses: recognizer answer (1s), role switch (0s), responder answer (1s), padding (0s)."""
+    g = torch.Generator().manual_seed(seed)
+    rewards, _, uids, consistency = _batch(seed, min_size=1, max_size=5, n_groups=n_groups, length=12)
+    bs = len(uids)
+    rec_len = torch.randint(0, 4, (bs,), generator=g)
+    resp_len = torch.randint(0, 4, (bs,), generator=g)
+    t = torch.arange(12)[None, :]
+    mask = ((t < rec_len[:, None]) | ((t >= rec_len[:, None] + 2) & (t < rec_len[:, None] + 2 + resp_len[:, None])))
+    rec_scores = torch.rand(bs, generator=g).numpy()
+    return rewards, mask.to(torch.int64), uids, consistency, rec_scores, rec_len
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_per_role_gives_each_role_the_loop_reference_of_its_own_score(seed):
+    rewards, mask, uids, c, rec_scores, rec_len = _role_batch(seed)
+    member = np.random.default_rng(seed).random(len(uids)) < 0.8
+    knobs = dict(consistency_weight=0.3, std_floor=0.1, adv_clip=1.5)
+    a, _ = advantage.self_grpo_role_advantage(rewards, mask, uids, rec_scores, c, member, **knobs)
+    scores = rewards.sum(-1).tolist()
+    args = (0.3, 0.1, 1.5)
+    # reason: the recognizer's score carries the consistency, the responder's (R minus it) does not
+    ref_rec = _loop_reference(rec_scores.tolist(), uids.tolist(), c.tolist(), *args, member=member.tolist())
+    ref_resp = _loop_reference([s - r for s, r in zip(scores, rec_scores)], uids.tolist(), [0.0] * len(uids), *args,
+                               member=member.tolist())
+    for i in range(len(uids)):
+        for t in range(mask.shape[1]):
+            want = 0.0 if not mask[i, t] else (ref_rec[i] if t < rec_len[i] else ref_resp[i])
+            assert a[i, t].item() == pytest.approx(want, abs=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_per_role_equals_self_grpo_on_recognize_only_episodes(seed):
+    # reason: with no responder tokens and the whole R being the recognizer's, the split changes nothing
+    rewards, mask, uids, c = _batch(seed)
+    whole, _ = self_grpo_advantage(rewards, mask, uids, c)
+    split, _ = advantage.self_grpo_role_advantage(rewards, mask, uids, rewards.sum(-1).numpy(), c)
+    torch.testing.assert_close(split, whole, atol=1e-6, rtol=0)
+
+
+def test_per_role_credits_a_right_recognition_and_a_wrong_reply_apart():
+    # Two episodes of one prompt, tokens: recognizer 2, role switch 1, responder 2.
+    # Episode 0: right recognition (w_rec·r_rec = 1.0), the responder scores nothing (R = 1.0).
+    # Episode 1: wrong recognition (0.0), the responder's emotion is read back and fits (R = 0.75).
+    mask = torch.tensor([[1, 1, 0, 1, 1], [1, 1, 0, 1, 1]])
+    rewards = torch.tensor([[0, 0, 0, 0, 1.0], [0, 0, 0, 0, 0.75]])
+    whole, _ = self_grpo_advantage(rewards, mask, ["u", "u"], consistency_weight=0.0)
+    split, _ = advantage.self_grpo_role_advantage(rewards, mask, ["u", "u"], [1.0, 0.0], consistency_weight=0.0)
+    # reason: one scalar per episode also rewards episode 0's empty reply and punishes episode 1's good one
+    assert (whole[0, [3, 4]] > 0).all() and (whole[1, [3, 4]] < 0).all()
+    # reason: per role, the recognizer tokens follow r_rec (0 wins), the responder tokens the rest (1 wins)
+    assert (split[0, :2] > 0).all() and (split[1, :2] < 0).all()
+    assert (split[0, 3:] < 0).all() and (split[1, 3:] > 0).all()
+    assert split[:, 2].abs().sum() == 0
+
+
+def test_registered_wrapper_per_role_reads_the_feeds_recognizer_scores():
+    from selfemo_verl.estimator import ConsistencyFeed, consistency_feed, self_grpo
+
+    uids = np.array(["g", "g", "g"], dtype=object)
+    mask = torch.tensor([[1, 0, 1], [1, 0, 1], [1, 0, 1]])
+    rewards = torch.tensor([[0, 0, 1.0], [0, 0, 0.5], [0, 0, 1.25]])
+    rec = np.array([1.0, 0.0, 1.0])
+    feed = ConsistencyFeed(uids, np.zeros(3), np.ones(3, bool), np.zeros(3, bool), recognizer_scores=rec)
+    config = OmegaConf.create({"self_grpo": {"per_role": True}})
+    with consistency_feed(feed):
+        a, _ = self_grpo(rewards, mask, config=config, index=uids)
+    expected, _ = advantage.self_grpo_role_advantage(rewards, mask, uids, rec, np.zeros(3))
+    torch.testing.assert_close(a, expected, atol=0, rtol=0)
+    assert feed.stats is not None
+    with pytest.raises(ValueError, match="per_role=true needs the recognizer's reward"):
+        self_grpo(rewards, mask, config=config, index=uids)  # reason: plain verl has no feed

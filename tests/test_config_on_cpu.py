@@ -66,6 +66,7 @@ def test_self_grpo_yaml_defaults_equal_the_function_defaults(config):
     # reason: the registered wrapper falls back to the signature defaults under plain verl YAML
     defaults = {k: p.default for k, p in inspect.signature(self_grpo_advantage).parameters.items()
                 if p.kind is p.KEYWORD_ONLY}
+    defaults["per_role"] = SELF_GRPO_DEFAULTS.per_role  # reason: chooses the function, not one of its arguments
     assert OmegaConf.to_container(config.algorithm.self_grpo) == defaults
 
 

@@ -119,6 +119,27 @@ def test_advantage_step_uses_group_consensus_not_per_sample_scores(config, store
     assert fake.rows[("train", "padXYZ_0_0")]["advantages"].abs().sum() == 0
 
 
+def test_per_role_feeds_the_recognizers_weighted_reward_to_the_estimator(config, stored_batch):
+    fake, batch = stored_batch
+    cfg = config.copy()
+    cfg.algorithm.self_grpo.per_role = True
+    cfg.selfemo.reward.w_rec = 0.5  # reason: the recognizer's share is w_rec·r_rec, not the stored score R
+    _set_info(fake, batch.keys[1], r_rec=0.5)  # reason: three distinct shares in group A; R stays as stored
+    _trainer(cfg)._compute_advantage(batch, {})
+
+    real = [k for k, t in zip(batch.keys, batch.tags) if not t.get("is_padding")]
+    uids = np.array([k.split("_")[0] for k in real], dtype=object)
+    r_rec = np.array([fake.rows[("train", k)]["extra_fields"]["reward_extra_info"]["r_rec"] for k in real])
+    scores = torch.tensor([float(fake.rows[("train", k)]["rm_scores"].sum()) for k in real])
+    c = np.concatenate([group_consistency([{p} for p in PREDS], [True] * 4, "meld", eps=0.1) for _ in GROUPS])
+    # reason: every response token is the recognizer's here (all-ones masks), so A = SELF-GRPO of 0.5·r_rec + λ·c
+    expected, _ = self_grpo_advantage(torch.tensor(0.5 * r_rec)[:, None], torch.ones(len(real), 1), uids, c)
+    got = torch.stack([fake.rows[("train", k)]["advantages"][0] for k in real]).double()
+    torch.testing.assert_close(got, expected[:, 0], atol=1e-6, rtol=0)
+    default, _ = self_grpo_advantage(scores[:, None], torch.ones(len(real), 1), uids, c)
+    assert not torch.allclose(got, default[:, 0].double(), atol=1e-3)  # reason: the fed share was used, not R
+
+
 def _set_info(fake, key, **changes):
     fields = fake.rows[("train", key)]["extra_fields"]
     fake.rows[("train", key)]["extra_fields"] = {**fields, "reward_extra_info": {**fields["reward_extra_info"],
