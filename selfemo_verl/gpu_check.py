@@ -1,7 +1,7 @@
 """The first GPU minutes: SELF-GRPO on CUDA tensors against the CPU, then two SELF-EMO steps on vLLM + FSDP.
 
     bash recipes/gpu_check.sh                 # both parts (needs `pip install -r requirements/gpu.txt`), < 10 min
-    bash recipes/gpu_check.sh --torch-only    # part 1 only: needs torch and nothing else
+    bash recipes/gpu_check.sh --torch-only    # part 1 only: needs torch (with numpy, pandas) and nothing else
     python -m selfemo_verl.gpu_check [--torch-only] [--out gpu_check.json] [--device cuda]
 
 Nothing is downloaded: the model is the repository's random tiny Qwen3 primed on the answer format
@@ -9,7 +9,7 @@ Nothing is downloaded: the model is the repository's random tiny Qwen3 primed on
 `--model smollm2`), the data are a few synthetic MELD-style dialogues (`synthetic_dialogues`). On a machine
 without CUDA it stops with one line and exit status 2; so does the full check without verl or vLLM.
 
-Part 1 (torch only), on a seeded batch shaped like a training step (groups of 1..8 episodes, random response
+Part 1 (torch, numpy and pandas only: what a bare GPU node with torch has), on a seeded batch shaped like a training step (groups of 1..8 episodes, random response
 lengths, some parse failures and infrastructure failures):
 1. group consistency c_i (`rewards.group_consistency_from_masks`, numpy) fed to the estimator as a device tensor
    and as a numpy array give the same advantages;
@@ -31,7 +31,6 @@ status 1 when a check fails.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -142,7 +141,7 @@ def synthetic_dialogues(n: int = 12, turns: int = 4, seed: int = 0):
     >>> d = synthetic_dialogues(2, 3); len(d), len(d[0].turns), d[0].turns[0].label in LABEL_SPACES["meld"]
     (2, 3, True)
     """
-    from selfemo_verl.cpu.assets import SPEAKERS, UTTERANCES  # part 2 only: part 1 needs torch and nothing else
+    from selfemo_verl.cpu.assets import SPEAKERS, UTTERANCES  # part 2 only: part 1 needs torch, numpy, pandas
     from selfemo_verl.data.erc_data import Dialogue, Turn
 
     rng = np.random.default_rng(seed)
@@ -257,13 +256,18 @@ def run_e2e(device: str, out_dir: Path, model: str) -> dict:
 
 
 def missing_packages() -> list[str]:
-    """The packages part 2 needs that this environment lacks."""
-    return [name for name in ("verl", "vllm", "flash_attn") if importlib.util.find_spec(name) is None]
+    """`<module> (<how to install>)` for each package part 2 needs that this environment lacks (flash_attn: verl's
+    default attention for the FSDP actor)."""
+    from selfemo_verl.preflight import PACKAGES, importable  # omegaconf: part 2 only
+
+    install = {"verl": "pip install -r requirements/gpu.txt", "vllm": PACKAGES["vllm"][1],
+               "flash_attn": PACKAGES["flash_attn"][1]}
+    return [f"{name} ({how})" for name, how in install.items() if not importable(name)]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m selfemo_verl.gpu_check", description=__doc__.split("\n")[0])
-    parser.add_argument("--torch-only", action="store_true", help="part 1 only (needs torch and nothing else)")
+    parser.add_argument("--torch-only", action="store_true", help="part 1 only (needs torch, numpy and pandas)")
     parser.add_argument("--device", default="cuda", help="device to compare with the CPU (default: cuda)")
     parser.add_argument("--model", choices=("tiny", "smollm2"), default="tiny", help="part 2's model")
     parser.add_argument("--out", default="gpu_check.json", help="JSON report path")
@@ -274,8 +278,7 @@ def main(argv=None) -> int:
         return 2
     missing = [] if args.torch_only else missing_packages()
     if missing:
-        print(f"gpu_check: {', '.join(missing)} not installed; pip install -r requirements/gpu.txt "
-              "(or run the torch-only part with --torch-only)", file=sys.stderr)
+        print(f"gpu_check: not installed: {'; '.join(missing)}; or run part 1 alone with --torch-only", file=sys.stderr)
         return 2
     result = torch_report(args.device, torch_checks(args.device))
     if not args.torch_only:

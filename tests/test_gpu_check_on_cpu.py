@@ -62,7 +62,7 @@ def test_full_check_without_vllm_stops_with_one_line_and_exit_2(tmp_path, capsys
     out = tmp_path / "report.json"
     assert gpu_check.main(["--device", "cpu", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("gpu_check: vllm") and "requirements/gpu.txt" in err[0]
+    assert len(err) == 1 and err[0].startswith("gpu_check: not installed: vllm (") and "requirements/gpu.txt" in err[0]
     assert not out.exists()
 
 
@@ -111,3 +111,16 @@ def test_e2e_data_is_read_by_verls_dataset_as_self_play_and_recognize_rows(tmp_p
 def test_e2e_checks_fail_where_the_run_went_wrong(rc, steps, failed):
     checks = gpu_check.e2e_checks(rc, steps)
     assert [check["name"] for check in checks if not check["passed"]] == failed
+
+
+def test_torch_only_part_imports_nothing_a_bare_gpu_node_lacks(tmp_path):
+    # reason: the lent GPU machines have torch and transformers only; part 2's packages must not load for part 1
+    blocked = ["verl", "vllm", "ray", "omegaconf", "hydra", "pyarrow", "transformers", "matplotlib", "sklearn"]
+    code = ("import sys, runpy\n"
+            f"for name in {blocked!r}: sys.modules[name] = None\n"
+            "sys.argv = ['gpu_check', '--torch-only', '--device', 'cpu', '--out', sys.argv[1]]\n"
+            "runpy.run_module('selfemo_verl.gpu_check', run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "r.json")], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "r.json").read_text())["passed"]
