@@ -558,3 +558,54 @@ def test_record_survives_verl_v1_transfer_queue_packing(tok):
     outs = asyncio.run(two())
     td = list_of_dict_to_tensordict([o.as_dict() for o in outs])
     assert td["extra_fields"][1]["selfemo"] == outs[1].extra_fields["selfemo"]
+
+
+class _Remote:
+    """A Ray actor method stand-in: `.remote(...)` calls `fn` (awaitable when `fn` is async, like an ObjectRef)."""
+
+    def __init__(self, fn):
+        self.remote = fn
+
+
+def _real_client_returns(server_output):
+    """What verl 0.9.1's real `LLMServerClient.generate` hands an agent loop for one server return."""
+    from verl.workers.rollout.llm_server import LLMServerClient
+
+    async def acquire_fields():
+        return []
+
+    async def acquire_server(request_id, **fields):
+        return "server0", SimpleNamespace(generate=_Remote(serve))
+
+    async def serve(**kwargs):
+        return server_output
+
+    balancer = SimpleNamespace(require_acquire_fields=_Remote(acquire_fields),
+                               require_release_fields=_Remote(acquire_fields),
+                               acquire_server=_Remote(acquire_server), release_server=_Remote(lambda **kw: None))
+    config = OmegaConf.create({"actor_rollout_ref": {"rollout": {"name": "vllm", "full_determinism": False}}})
+    client = LLMServerClient(config, load_balancer_handle=balancer)
+    return asyncio.run(client.generate("rid", prompt_ids=[1, 2], sampling_params={"max_tokens": 4}))
+
+
+@pytest.mark.parametrize("extra_fields", [
+    {"global_steps": 3},                                              # reason: a server that reports its version
+    {},                                                               # reason: one that reports none (None versions)
+    {"global_steps": 5, "min_global_steps": 4, "max_global_steps": 5},  # reason: a resumed partial rollout
+])
+def test_contract_fake_client_output_equals_verls_llm_server_client(extra_fields):
+    def server_output():
+        return TokenOutput(token_ids=[7, 8], log_probs=[-0.1, -0.2], stop_reason="completed",
+                           extra_fields=dict(extra_fields))
+
+    real, fake = _real_client_returns(server_output()), fakes.as_client_output(server_output())
+    assert real.model_dump() == fake.model_dump()
+    assert real.extra_fields["min_global_steps"] == extra_fields.get("min_global_steps", extra_fields.get("global_steps"))
+
+
+def test_contract_real_and_fake_client_both_raise_on_a_return_without_extra_fields():
+    # reason: the agent loop's own check of an invalid server return only sees what survives the client
+    with pytest.raises(AttributeError):
+        _real_client_returns(object())
+    with pytest.raises(AttributeError):
+        fakes.as_client_output(object())
