@@ -122,6 +122,12 @@ def _clip_bound(adv_clip) -> float | None:
     return None if adv_clip is None or math.isinf(adv_clip) else float(adv_clip)
 
 
+def _clip(scalar: torch.Tensor, adv_clip) -> torch.Tensor:
+    """`scalar` clamped to [−A_max, A_max]; unchanged when clipping is off."""
+    bound = _clip_bound(adv_clip)
+    return scalar if bound is None else scalar.clamp(-bound, bound)
+
+
 @torch.no_grad()
 def self_grpo_advantage(
     token_level_rewards: torch.Tensor,
@@ -160,11 +166,8 @@ def self_grpo_advantage(
     scores = token_level_rewards.sum(dim=-1)
     ids, n_groups = group_ids(index)
     ids = ids.to(scores.device)
-    scalar = _unclipped(scores, ids, n_groups, consistency, member, consistency_weight, std_floor, epsilon,
-                        norm_by_std)
-    bound = _clip_bound(adv_clip)
-    if bound is not None:
-        scalar = scalar.clamp(-bound, bound)
+    scalar = _clip(_unclipped(scores, ids, n_groups, consistency, member, consistency_weight, std_floor, epsilon,
+                              norm_by_std), adv_clip)
     # select, not multiply: same values for verl's 0/1 mask, ~1.5x faster than float * int64 on CPU
     advantages = torch.where(response_mask.bool(), scalar.to(token_level_rewards.dtype).unsqueeze(-1), 0.0)
     return advantages, advantages
@@ -265,11 +268,8 @@ def self_grpo_role_advantage(
     rec = torch.as_tensor(recognizer_scores, dtype=scores.dtype, device=scores.device).reshape(-1)
     ids, n_groups = group_ids(index)
     ids = ids.to(scores.device)
-    a_rec = _unclipped(rec, ids, n_groups, consistency, member, **knobs)
-    a_resp = _unclipped(scores - rec, ids, n_groups, None, member, **knobs)
-    bound = _clip_bound(adv_clip)
-    if bound is not None:
-        a_rec, a_resp = a_rec.clamp(-bound, bound), a_resp.clamp(-bound, bound)
+    a_rec = _clip(_unclipped(rec, ids, n_groups, consistency, member, **knobs), adv_clip)
+    a_resp = _clip(_unclipped(scores - rec, ids, n_groups, None, member, **knobs), adv_clip)
     dtype = token_level_rewards.dtype
     per_token = torch.where(recognizer_tokens(response_mask), a_rec.to(dtype).unsqueeze(-1),
                             a_resp.to(dtype).unsqueeze(-1))
